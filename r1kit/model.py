@@ -1,0 +1,612 @@
+"""DeepSeek-V3 and dense (Qwen2 / Llama) decoder-only transformers, in one readable file.
+
+What is implemented, with the paper sections:
+- Multi-head latent attention (DeepSeek-V2 §2.1, V3 §2.1.1). Keys and values are compressed into a latent
+  c_kv (kv_lora_rank wide, RMS-normalised) plus one rotary key k_pe shared by all heads; only those two are
+  cached. Two paths compute the same function:
+    naive     up-project the latent to per-head keys/values, then SDPA; cheapest for training and prefill;
+    absorbed  fold W_UK into the query and W_UV into the output (V2 §2.1.2 appendix), so attention runs
+              directly on the cached latent as multi-query attention with one 576-wide (V3) key per token;
+              cheapest for decoding, where the naive path would re-expand the whole cache every step.
+- DeepSeekMoE (V3 §2.1.2): shared experts + fine-grained routed experts; sigmoid (V3) or softmax (V2) affinity;
+  the auxiliary-loss-free balancing bias `e_score_correction_bias` used for expert *selection* only; node/group
+  limited routing; normalised top-k weights times `routed_scaling_factor`; the optional sequence-wise balance
+  loss (eq. 17-20). Tokens are dispatched grouped by expert, so compute follows active parameters.
+- Multi-token prediction (V3 §2.2): D sequential modules; module k joins the embedding of token i+k with the
+  representation of depth k-1 (`eh_proj` of the embedding-first concatenation), runs one transformer block,
+  and predicts token i+k+1 through the main model's output head.
+- RoPE in DeepSeek's interleaved-pair layout or Llama's half layout, with YaRN (and its attention mscale),
+  Llama-3 and linear scaling.
+- Dense Qwen2 / Llama blocks (GQA, SwiGLU, optional QKV bias, tied embeddings) for distillation students.
+
+Module attribute names equal Hugging Face checkpoint keys (`model.layers.3.self_attn.kv_b_proj.weight`), except
+routed experts, which are stacked into 3-D tensors for grouped compute (`checkpoint.py` maps them), and MTP
+modules, which live in `mtp` and are stored as layers num_hidden_layers + k, as DeepSeek ships them.
+Nothing here needs a process group; parallelism wraps this model from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from r1kit.config import ModelConfig, yarn_mscale
+
+
+# --------------------------------------------------------------------------------------------------- basics
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # fp32 statistics whatever the activation dtype, as the checkpoints were trained
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------------- RoPE
+def rope_parameters(config: ModelConfig) -> tuple[Tensor, float]:
+    """Inverse frequencies (rope_dim / 2,) and the factor that scales cos/sin (YaRN's attention factor)."""
+    dim, base = config.rope_dim, config.rope_theta
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq.float(), 1.0
+    kind, factor = rs["rope_type"], float(rs["factor"])
+    if kind == "linear":
+        return (inv_freq / factor).float(), 1.0
+    if kind == "llama3":
+        old = rs["original_max_position_embeddings"]
+        low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        mid = (wavelen >= old / high) & (wavelen <= old / low)
+        return torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled).float(), 1.0
+    # YaRN (Peng et al. 2023): interpolate low frequencies, keep high ones, ramp in between.
+    old = rs.get("original_max_position_embeddings") or config.max_position_embeddings
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+    inv_freq = inv_freq.float()
+    ramp = ramp.float()
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        attention_factor = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
+    return inv_freq, float(attention_factor)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """Rotate pairs of x (B, T, H, D) by the angles in cos/sin (B, T, D/2).
+
+    DeepSeek stores rotary dims as interleaved pairs (x0, x1), (x2, x3), ...; Llama as halves (x_i, x_{i+D/2}).
+    Both come out in half layout, which leaves dot products unchanged as long as q and k are treated alike.
+    """
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------ the cache
+class KVCache:
+    """Preallocated per-layer cache, one row ("slot") per sequence.
+
+    MLA layers keep one tensor (slots, max_len, kv_lora_rank + qk_rope_head_dim): the normalised latent c_kv and
+    the rotated shared key k_pe side by side, which is at once the absorbed path's key (all of it) and value (the
+    first kv_lora_rank columns). Dense layers keep K and V as (slots, n_kv_heads, max_len, head_dim).
+    """
+
+    def __init__(self, config: ModelConfig, max_slots: int, max_len: int, *, device=None, dtype=torch.float32,
+                 with_mtp: bool = True):
+        self.config, self.max_slots, self.max_len = config, max_slots, max_len
+        n_layers = config.num_hidden_layers + (config.num_nextn_predict_layers if with_mtp else 0)
+        if config.is_mla:
+            width = config.kv_lora_rank + config.qk_rope_head_dim
+            self.layers = [torch.zeros(max_slots, max_len, width, device=device, dtype=dtype) for _ in range(n_layers)]
+        else:
+            shape = (max_slots, config.num_key_value_heads, max_len, config.head_dim)
+            self.layers = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                           for _ in range(n_layers)]
+        self.dtype = dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token occupies across the main model's layers."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return self.config.kv_cache_elements_per_token() * self.config.num_hidden_layers * size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for layer in self.layers for t in (layer if isinstance(layer, tuple) else (layer,)))
+
+
+@dataclass
+class Context:
+    """What every attention layer needs for one forward pass, computed once per pass."""
+
+    cos: Tensor  # (B, T, rope_dim/2)
+    sin: Tensor
+    positions: Tensor  # (B, T) absolute position of each input token
+    cache: KVCache | None = None
+    slots: Tensor | None = None  # (B,) cache row of each input row; None = rows 0..B-1
+    kv_len: int = 0  # keys to attend over (cache only)
+    mask: Tensor | None = None  # (B, 1, T, kv_len) bool, True = may attend; None = plain causal
+
+    def write(self, layer: int, buf: Tensor, new: Tensor) -> Tensor:
+        """Store `new` (B, T, ...) at each row's positions in `buf` and return the rows (B, kv_len, ...)."""
+        rows = self.slots if self.slots is not None else torch.arange(new.shape[0], device=new.device)
+        buf[rows[:, None], self.positions] = new.to(buf.dtype)
+        if self.slots is None:
+            return buf[: new.shape[0], : self.kv_len]
+        return buf[self.slots, : self.kv_len]
+
+    def write_heads(self, buf: Tensor, new: Tensor) -> Tensor:
+        """As `write`, for a (slots, heads, len, dim) buffer and new (B, T, heads, dim)."""
+        rows = self.slots if self.slots is not None else torch.arange(new.shape[0], device=new.device)
+        buf[rows[:, None], :, self.positions] = new.to(buf.dtype)
+        if self.slots is None:
+            return buf[: new.shape[0], :, : self.kv_len]
+        return buf[self.slots, :, : self.kv_len]
+
+
+# --------------------------------------------------------------------------------------------------- MLA
+class MLA(nn.Module):
+    """Multi-head latent attention with a naive (training / prefill) and an absorbed (decode) path."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.n_heads = c.num_attention_heads
+        self.q_lora_rank, self.kv_lora_rank = c.q_lora_rank, c.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        qk = self.nope_dim + self.rope_dim
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, self.n_heads * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, self.n_heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + self.rope_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
+        self.softmax_scale = qk**-0.5
+        rs = c.rope_scaling
+        if rs is not None and rs["rope_type"] == "yarn" and rs.get("mscale_all_dim"):
+            self.softmax_scale *= yarn_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
+        self.impl = "auto"  # "naive" | "absorbed" | "auto" (cheaper of the two by a FLOP count)
+
+    def use_absorbed(self, T: int, S: int) -> bool:
+        if self.impl != "auto":
+            return self.impl == "absorbed"
+        r, dn, dr, dv = self.kv_lora_rank, self.nope_dim, self.rope_dim, self.v_dim
+        naive = S * r * (dn + dv) + T * S * (dn + dr + dv)  # re-expand S latents, then attend per head
+        absorbed = T * r * (dn + dv) + T * S * (2 * r + dr)  # fold weights into T queries, attend in latent space
+        return absorbed < naive
+
+    def forward(self, x: Tensor, ctx: Context) -> Tensor:
+        B, T, _ = x.shape
+        H, r = self.n_heads, self.kv_lora_rank
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, H, self.nope_dim + self.rope_dim)  # (B, T, H, dn + dr)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, interleaved=True)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([r, self.rope_dim], dim=-1)  # (B, T, r), (B, T, dr)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = apply_rope(k_pe.unsqueeze(2), ctx.cos, ctx.sin, interleaved=True).squeeze(2)
+        latent = torch.cat([c_kv, k_pe], dim=-1)  # (B, T, r + dr)
+        if ctx.cache is not None:
+            latent = ctx.write(self.layer_idx, ctx.cache.layers[self.layer_idx], latent)  # (B, S, r + dr)
+        S = latent.shape[1]
+        if self.use_absorbed(T, S):
+            out = self._absorbed(q_nope, q_pe, latent, ctx.mask)
+        else:
+            out = self._naive(q_nope, q_pe, latent, ctx.mask)
+        return self.o_proj(out.reshape(B, T, H * self.v_dim))
+
+    def _naive(self, q_nope: Tensor, q_pe: Tensor, latent: Tensor, mask: Tensor | None) -> Tensor:
+        B, T, H, _ = q_nope.shape
+        S = latent.shape[1]
+        c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope_dim + self.v_dim)  # (B, S, H, dn + dv)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, self.rope_dim)], dim=-1)  # (B, S, H, dn + dr)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, dn + dr)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T|S, d)
+            attn_mask=mask, is_causal=mask is None and T > 1, scale=self.softmax_scale,
+        )
+        return o.transpose(1, 2)  # (B, T, H, dv)
+
+    def _absorbed(self, q_nope: Tensor, q_pe: Tensor, latent: Tensor, mask: Tensor | None) -> Tensor:
+        B, T, H, _ = q_nope.shape
+        S, r = latent.shape[1], self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, r)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, dn, r), (H, dv, r)
+        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # (B, T, H, r)
+        # Every head attends to the same latent keys, so heads fold into the query rows: one matmul, no repeat.
+        qq = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, r + self.rope_dim)
+        scores = torch.bmm(qq, latent.transpose(1, 2)).view(B, T, H, S) * self.softmax_scale
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=latent.device).tril(S - T)[None, None]
+        scores = scores.masked_fill(~mask.transpose(1, 2), float("-inf"))  # mask (B, 1, T, S) -> (B, T, 1, S)
+        probs = scores.float().softmax(dim=-1).to(latent.dtype)
+        o_lat = torch.bmm(probs.view(B, T * H, S), latent[..., :r]).view(B, T, H, r)
+        return torch.einsum("bthr,hdr->bthd", o_lat, w_uv)  # (B, T, H, dv)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention of Qwen2 / Llama."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
+
+    def forward(self, x: Tensor, ctx: Context) -> Tensor:
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), ctx.cos, ctx.sin, interleaved=False)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), ctx.cos, ctx.sin, interleaved=False)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if ctx.cache is not None:
+            kbuf, vbuf = ctx.cache.layers[self.layer_idx]
+            k, v = ctx.write_heads(kbuf, k), ctx.write_heads(vbuf, v)  # (B, Hkv, S, D)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None and T > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, D)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+# --------------------------------------------------------------------------------------------------- MoE
+class Gate(nn.Module):
+    """Router: affinity scores, group-limited top-k selection (biased for balance), routing weights."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.top_k, self.n_experts = c.num_experts_per_tok, c.n_routed_experts
+        self.n_group, self.topk_group = c.n_group, c.topk_group
+        self.scoring_func, self.topk_method = c.scoring_func, c.topk_method
+        self.norm_topk_prob, self.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, c.hidden_size))
+        if c.topk_method == "noaux_tc":
+            # Updated by a rule, not by gradients (V3 §2.1.2), so a buffer: optimizers never see it.
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def _apply(self, fn, recurse=True):
+        # The balancing bias moves in steps of ~1e-3: keep it fp32 when the model is cast to bf16.
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias is not None and self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (N, dim) -> routing weights (N, k), expert indices (N, k), affinity scores (N, E)."""
+        N, E = x.shape[0], self.n_experts
+        logits = F.linear(x.float(), self.weight.float())  # (N, E), fp32 as the checkpoints were trained
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.n_group > 1 and self.topk_method != "greedy":
+            grouped = choice.view(N, self.n_group, E // self.n_group)  # (N, G, E/G)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices  # (N, topk_group)
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = choice.masked_fill(~group_mask.unsqueeze(-1).expand_as(grouped).reshape(N, E), float("-inf"))
+        indices = choice.topk(self.top_k, dim=-1).indices  # (N, k)
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return (weights * self.routed_scaling_factor).to(x.dtype), indices, scores
+
+
+class Experts(nn.Module):
+    """Routed experts stacked as (E, 2I, dim) gate+up and (E, dim, I) down, for grouped compute."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, I, D = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
+        self.n_experts, self.inter = E, I
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.impl = "grouped"  # or "looped": the slow reference
+
+    def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        return self.looped(x, weights, indices) if self.impl == "looped" else self.grouped(x, weights, indices)
+
+    def grouped(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        """Sort (token, expert) pairs by expert and run each expert once on its contiguous block of tokens."""
+        N, K = indices.shape
+        flat = indices.flatten()  # (N*K,)
+        order = flat.argsort(stable=True)
+        token = order // K  # token of each sorted pair
+        xs = x[token]  # (N*K, dim), grouped by expert
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+            offsets = counts.cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs=offsets)  # (N*K, 2I)
+            h = F.silu(h[:, : self.inter]) * h[:, self.inter :]
+            ys = torch._grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offsets)
+        else:
+            outs = []
+            for e, xe in enumerate(xs.split(counts.tolist())):
+                if xe.shape[0]:
+                    h = F.linear(xe, self.gate_up_proj[e])  # (n_e, 2I)
+                    outs.append(F.linear(F.silu(h[:, : self.inter]) * h[:, self.inter :], self.down_proj[e]))
+            ys = torch.cat(outs)  # (N*K, dim)
+        ys = ys * weights.flatten()[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
+
+    def looped(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        """Reference: every expert, every token, weighted by whether the router picked it."""
+        out = torch.zeros_like(x)
+        for e in range(self.n_experts):
+            w_e = (weights * (indices == e)).sum(dim=-1, keepdim=True)  # (N, 1); 0 where e was not chosen
+            h = F.linear(x, self.gate_up_proj[e])
+            out = out + w_e * F.linear(F.silu(h[:, : self.inter]) * h[:, self.inter :], self.down_proj[e])
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Gate(config)
+        self.experts = Experts(config)
+        n_shared = config.n_shared_experts or 0
+        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * n_shared) if n_shared else None
+        self.aux_loss_alpha = config.aux_loss_alpha
+        self.aux_loss: Tensor | None = None
+        # Tokens routed to each expert since the last bias update (summed over micro-batches; all-reduced later).
+        self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        weights, indices, scores = self.gate(flat)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(indices.flatten(), minlength=self.gate.n_experts)
+            self.aux_loss = self._balance_loss(scores.view(B, T, -1), indices.view(B, T, -1)) if self.aux_loss_alpha else None
+        out = self.experts(flat, weights, indices)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(B, T, D)
+
+    def _balance_loss(self, scores: Tensor, indices: Tensor) -> Tensor:
+        """Sequence-wise balance loss (V3 eq. 17-20): alpha * sum_i f_i * P_i, averaged over sequences."""
+        B, T, E = scores.shape
+        K = indices.shape[-1]
+        hits = torch.zeros(B, E, device=scores.device).scatter_add_(
+            1, indices.reshape(B, T * K), torch.ones(B, T * K, device=scores.device))
+        f = hits * E / (K * T)  # (B, E)
+        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
+        return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def update_balancing_bias(model: nn.Module, speed: float = 1e-3) -> dict[str, float]:
+    """Auxiliary-loss-free balancing (V3 §2.1.2): after an optimizer step, move each expert's selection bias by
+    `speed` towards balance (down if it got more than the mean load, up if less), then reset the counts.
+
+    Counts are summed over every micro-batch since the last call and, under torch.distributed, over ranks, so each
+    rank applies the identical update. Returns the mean max-load violation (max load / mean load - 1).
+    """
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if not moes:
+        return {}
+    counts = torch.stack([m.tokens_per_expert for m in moes])  # (n_moe_layers, E)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    mean = counts.mean(dim=-1, keepdim=True)
+    for m, c, mu in zip(moes, counts, mean):
+        if m.gate.e_score_correction_bias is not None:
+            m.gate.e_score_correction_bias += speed * torch.sign(mu - c)
+        m.tokens_per_expert.zero_()
+    violation = (counts.amax(dim=-1) / mean.squeeze(-1).clamp_min(1e-9) - 1).mean()
+    return {"max_violation": float(violation)}
+
+
+# ------------------------------------------------------------------------------------------ blocks, model
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLA(config, layer_idx) if config.is_mla else Attention(config, layer_idx)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = MoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, ctx: Context) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MTPLayer(Block):
+    """One multi-token-prediction module: h' = eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)]), then a block."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        D = config.hidden_size
+        self.enorm = RMSNorm(D, config.rms_norm_eps)
+        self.hnorm = RMSNorm(D, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(D, config.rms_norm_eps)
+
+    def forward(self, h: Tensor, emb: Tensor, ctx: Context) -> Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
+        return super().forward(x, ctx)
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `model(input_ids)` -> logits (B, T, vocab)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.model.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
+        self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # MTP modules share the embedding and output head with the main model (V3 §2.2).
+        self.mtp = nn.ModuleList(MTPLayer(c, c.num_hidden_layers + k) for k in range(c.num_nextn_predict_layers))
+        inv_freq, self.rope_attention_factor = rope_parameters(c)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, (Gate, Experts)):
+            for p in m.parameters(recurse=False):
+                nn.init.normal_(p, std=std)
+
+    def context(self, positions: Tensor, dtype: torch.dtype, cache: KVCache | None = None,
+                slots: Tensor | None = None, kv_len: int | None = None) -> Context:
+        freqs = positions.unsqueeze(-1).float() * self.inv_freq  # (B, T, rope_dim/2)
+        a = self.rope_attention_factor
+        ctx = Context((freqs.cos() * a).to(dtype), (freqs.sin() * a).to(dtype), positions, cache, slots)
+        if cache is not None:
+            ctx.kv_len = kv_len if kv_len is not None else int(positions.max()) + 1
+            keys = torch.arange(ctx.kv_len, device=positions.device)
+            ctx.mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
+        return ctx
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
+                slots: Tensor | None = None, kv_len: int | None = None, head: bool = True) -> Tensor:
+        """input_ids (B, T) -> logits (B, T, vocab), or the final normalised hidden states if head=False.
+
+        Without a cache, attention is causal over the input. With one, each row's tokens are written at
+        `positions` (default 0..T-1) of its cache slot and attend to every cached key at or before them.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        ctx = self.context(positions, x.dtype, cache, slots, kv_len)
+        for layer in self.model.layers:
+            x = layer(x, ctx)
+        h = self.model.norm(x)
+        return self.lm_head(h) if head else h
+
+    def mtp_forward(self, hidden: Tensor, input_ids: Tensor, positions: Tensor | None = None) -> list[Tensor]:
+        """Training-time MTP: logits of depth k (1..D) at position i predict token i+k+1.
+
+        hidden (B, T, dim) is the main model's final normalised hidden state; depth k sees T-k positions.
+        Returns D tensors, the k-th of shape (B, T-k, vocab).
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        out, h = [], hidden
+        for k, layer in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            emb = self.model.embed_tokens(input_ids[:, k:])  # token i+k joins representation i
+            h = h[:, : T - k] if h.shape[1] > T - k else h
+            ctx = self.context(positions[:, : T - k], h.dtype)
+            h = layer(h, emb, ctx)
+            out.append(self.lm_head(layer.shared_head.norm(h)))
+        return out
+
+    def aux_loss(self) -> Tensor | None:
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def set_impl(self, attention: str | None = None, experts: str | None = None) -> Transformer:
+        """Pick the MLA path ("naive" / "absorbed" / "auto") or the experts path ("grouped" / "looped")."""
+        for m in self.modules():
+            if attention and isinstance(m, MLA):
+                m.impl = attention
+            if experts and isinstance(m, Experts):
+                m.impl = experts
+        return self
+
+
+# ------------------------------------------------------------------------------------------ public API
+def build(config: ModelConfig, device=None, dtype=None) -> Transformer:
+    """A randomly initialised model for `config`."""
+    model = Transformer(config)
+    return model.to(device=device, dtype=dtype) if (device or dtype) else model
+
+
+def load(path, device=None, dtype=None) -> Transformer:
+    """Load a Hugging Face-layout checkpoint directory (see `r1kit.checkpoint.load_model`)."""
+    from r1kit.checkpoint import load_model
+
+    return load_model(path, device=device, dtype=dtype)
+
+
+def save(model: Transformer, path, tokenizer=None) -> None:
+    """Write `model` (and its tokenizer, when given or attached as `model.tokenizer`) in Hugging Face layout."""
+    from r1kit.checkpoint import save_model
+
+    save_model(model, path, tokenizer=tokenizer)
+
+
+def count_params(config: ModelConfig) -> tuple[int, int]:
+    """(total, active per token) parameters; see `r1kit.checkpoint.count_params`."""
+    from r1kit.checkpoint import count_params as _count
+
+    return _count(config)

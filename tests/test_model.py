@@ -1,0 +1,214 @@
+"""The model's fast paths against their slow twins, balancing, MTP and dtype/device independence."""
+
+import pytest
+import torch
+
+import r1kit.model as M
+from r1kit import config as C
+
+
+def small(**kw):
+    base = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32,
+                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
+                num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=32, num_nextn_predict_layers=1,
+                max_position_embeddings=256)
+    return C.tiny(**{**base, **kw})
+
+
+def test_absorbed_equals_naive_with_and_without_cache():
+    model = M.build(small()).eval()
+    x = torch.randint(0, 128, (3, 30))
+    with torch.no_grad():
+        naive = model.set_impl(attention="naive")(x)
+        absorbed = model.set_impl(attention="absorbed")(x)
+        torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5)
+        # decode token by token through the latent cache with each path
+        for impl in ("naive", "absorbed"):
+            model.set_impl(attention=impl)
+            cache = M.KVCache(model.config, 3, 64)
+            steps = [model(x[:, :10], cache=cache)]
+            for t in range(10, 30):
+                steps.append(model(x[:, t : t + 1], positions=torch.full((3, 1), t), cache=cache))
+            torch.testing.assert_close(torch.cat(steps, dim=1), naive, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_picks_absorbed_for_decode_and_naive_for_prefill():
+    attn = M.build(C.deepseek_v3(num_hidden_layers=1, n_routed_experts=8, n_group=1, topk_group=1,
+                                 num_experts_per_tok=2, first_k_dense_replace=1, vocab_size=8,
+                                 hidden_size=64, intermediate_size=8), device="meta").model.layers[0].self_attn
+    assert attn.use_absorbed(T=1, S=4096) and attn.use_absorbed(T=2, S=100)
+    assert not attn.use_absorbed(T=1000, S=1000)
+
+
+def test_cache_rows_are_independent_of_batch_neighbours():
+    """Ragged rows (each its own length and slot) give the same logits as each row run alone."""
+    model = M.build(small()).eval()
+    seqs = [torch.randint(0, 128, (n,)) for n in (5, 12, 9)]
+    cache = M.KVCache(model.config, 4, 32)
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+    slots = torch.tensor([2, 0, 3])  # any cache rows
+    with torch.no_grad():
+        out = model(ids, cache=cache, slots=slots)
+        nxt = torch.randint(0, 128, (3, 1))
+        pos = torch.tensor([[len(s)] for s in seqs])
+        step = model(nxt, positions=pos, cache=cache, slots=slots)
+        for i, s in enumerate(seqs):
+            alone = model(torch.cat([s, nxt[i]])[None])
+            torch.testing.assert_close(out[i, : len(s)], alone[0, : len(s)], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(step[i, 0], alone[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_dense_cache_matches_uncached():
+    model = M.build(C.tiny_dense(vocab_size=128)).eval()
+    x = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        full = model(x)
+        cache = M.KVCache(model.config, 2, 32)
+        steps = [model(x[:, :7], cache=cache)]
+        for t in range(7, 20):
+            steps.append(model(x[:, t : t + 1], positions=torch.full((2, 1), t), cache=cache))
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_bytes_per_token_is_the_latent():
+    cfg = C.tiny()
+    cache = M.KVCache(cfg, 1, 8)
+    assert cache.bytes_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
+    dense = C.tiny_dense()
+    assert M.KVCache(dense, 1, 8, dtype=torch.bfloat16).bytes_per_token == (
+        2 * dense.num_key_value_heads * dense.head_dim * dense.num_hidden_layers * 2)
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_group": 4, "topk_group": 2}, {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False}])
+def test_grouped_experts_equal_looped(kw):
+    model = M.build(small(**kw))
+    for m in model.modules():
+        if isinstance(m, M.Gate) and m.e_score_correction_bias is not None:
+            m.e_score_correction_bias.normal_(0, 0.1)
+    x = torch.randint(0, 128, (2, 24))
+    grouped = model.set_impl(experts="grouped")(x)
+    grouped.square().mean().backward()
+    g1 = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    looped = model.set_impl(experts="looped")(x)
+    looped.square().mean().backward()
+    torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if g1[n] is not None:
+            torch.testing.assert_close(g1[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_router_bias_steers_selection_but_not_weights():
+    gate = M.build(small()).model.layers[1].mlp.gate
+    x = torch.randn(64, 64)
+    w0, i0, s0 = gate(x)
+    gate.e_score_correction_bias[3] = 10.0  # expert 3 now always selected...
+    w1, i1, s1 = gate(x)
+    assert (i1 == 3).any(dim=-1).all() and not (i0 == 3).any(dim=-1).all()
+    # ...but its routing weight still comes from the unbiased score
+    rows = torch.arange(64)
+    col = (i1 == 3).nonzero()[:, 1]
+    picked = w1[rows, col]
+    assert torch.all(picked < 1.0)
+    torch.testing.assert_close(s0, s1)
+
+
+def test_group_limited_routing_stays_within_topk_groups():
+    cfg = small(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    gate = M.build(cfg).model.layers[1].mlp.gate
+    _, idx, _ = gate(torch.randn(256, 64))
+    groups = idx // 4
+    assert max(len(set(r.tolist())) for r in groups) <= 2
+
+
+def test_balancing_bias_balances_a_skewed_router():
+    """A router that sends most tokens to two experts is balanced by the bias alone, with no gradient."""
+    model = M.build(small(n_routed_experts=8, num_experts_per_tok=2)).train()
+    moe = model.model.layers[1].mlp
+    with torch.no_grad():
+        moe.gate.weight.normal_(0, 0.02)
+        moe.gate.weight[:2] += 0.1  # experts 0 and 1 preferred by every token
+    x = torch.randn(1, 512, 64) + 0.3
+    with torch.no_grad():
+        moe(x)
+    before = moe.tokens_per_expert.clone()
+    assert before.max() / before.mean() > 3  # skewed: the two favourites take most of the load
+    recent = torch.zeros(8)
+    for step in range(300):
+        with torch.no_grad():
+            moe(x)
+        if step >= 200:
+            recent += moe.tokens_per_expert
+        # a sign rule oscillates around balance by one step; a smaller step later narrows the oscillation
+        M.update_balancing_bias(moe, speed=0.01 if step < 150 else 0.002)
+    assert recent.max() / recent.mean() < 1.15, recent
+    bias = moe.gate.e_score_correction_bias
+    assert bias[:2].max() < bias[2:].min()  # the favourites were pushed down
+
+
+def test_sequence_balance_loss_is_minimal_when_balanced():
+    moe = M.build(small(aux_loss_alpha=0.1)).train().model.layers[1].mlp
+    with torch.no_grad():
+        moe(torch.randn(2, 16, 64))
+    assert moe.aux_loss is not None and moe.aux_loss.item() > 0
+    # uniform scores and perfectly spread selections: f_i = 1, P_i = 1/E, so the loss is alpha
+    B, T, E, K = 1, 8, 8, 2
+    scores = torch.full((B, T, E), 0.5)
+    idx = torch.arange(T * K).view(B, T, K) % E
+    torch.testing.assert_close(moe._balance_loss(scores, idx), torch.tensor(0.1))
+    skew = torch.zeros(B, T, K, dtype=torch.long)
+    skew[..., 1] = 1
+    sk_scores = torch.full((B, T, E), 0.01)
+    sk_scores[..., :2] = 0.9
+    # f = E/(K*T) * hits = 4 for experts 0 and 1; P = 0.9 / 1.86 for each: 0.1 * 2 * 4 * 0.9 / 1.86
+    torch.testing.assert_close(moe._balance_loss(sk_scores, skew), torch.tensor(0.1 * 2 * 4 * 0.9 / 1.86))
+
+
+def test_mtp_predicts_the_token_after_next():
+    """Depth-k logits at position i are a function of tokens <= i+k only (causal, shifted by k)."""
+    model = M.build(small(num_nextn_predict_layers=2)).eval()
+    x = torch.randint(0, 128, (1, 16))
+    with torch.no_grad():
+        outs = model.mtp_forward(model(x, head=False), x)
+        assert [o.shape[1] for o in outs] == [15, 14]
+        y = x.clone()
+        y[0, 10] = (y[0, 10] + 1) % 128  # change token 10
+        outs2 = model.mtp_forward(model(y, head=False), y)
+    for k, (a, b) in enumerate(zip(outs, outs2), start=1):
+        same = 10 - k  # positions i with i + k < 10 never see token 10
+        torch.testing.assert_close(a[0, :same], b[0, :same])
+        assert not torch.allclose(a[0, same], b[0, same])
+
+
+def test_training_step_reduces_loss_with_mtp():
+    model = M.build(small()).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 32, (4, 24))
+    losses = []
+    for _ in range(15):
+        h = model(x, head=False)
+        logits = model.lm_head(h)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        mtp = model.mtp_forward(h, x)[0]
+        loss = loss + 0.3 * torch.nn.functional.cross_entropy(mtp[:, :-1].flatten(0, 1), x[:, 2:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        M.update_balancing_bias(model)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.8
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mtp.parameters())
+
+
+def test_bf16_runs_and_keeps_balancing_bias_fp32():
+    model = M.build(small(), dtype=torch.bfloat16).eval()
+    assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        out = model(x)
+        ref = model.float()(x)
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()) < 0.05
