@@ -41,12 +41,15 @@ def problems(seed: int, n_test: int = 500) -> tuple[list[tuple[str, str]], list[
     return pairs[n_test:], pairs[:n_test]
 
 
-def batch(pairs: list[tuple[str, str]], T: int) -> torch.Tensor:
-    x = torch.full((len(pairs), T), PAD)
+def batch(pairs: list[tuple[str, str]], T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, T) and next-token targets (B, T) that score only the answer and EOS (PAD elsewhere)."""
+    x, y = torch.full((len(pairs), T), PAD), torch.full((len(pairs), T), PAD)
     for i, (q, a) in enumerate(pairs):
-        ids = [BOS] + encode(q + a) + [EOS]
+        prompt, answer = [BOS] + encode(q), encode(a) + [EOS]
+        ids = prompt + answer
         x[i, : len(ids)] = torch.tensor(ids)
-    return x
+        y[i, len(prompt) - 1 : len(ids) - 1] = torch.tensor(answer)
+    return x, y
 
 
 @torch.no_grad()
@@ -100,11 +103,11 @@ def run(out_dir: str | Path = "runs/demo", steps: int = 400, seed: int = 0, lr: 
         task = bar.add_task("train", total=steps, loss=float("nan"))
         model.train()
         for step in range(steps):
-            x = batch(rng.sample(train, B), T)
+            x, y = batch(rng.sample(train, B), T)
             h = model(x, head=False)
-            ce = F.cross_entropy(model.lm_head(h)[:, :-1].flatten(0, 1), x[:, 1:].flatten(), ignore_index=PAD)
-            mtp = model.mtp_forward(h, x)[0]  # position i predicts token i + 2
-            ce_mtp = F.cross_entropy(mtp[:, :-1].flatten(0, 1), x[:, 2:].flatten(), ignore_index=PAD)
+            ce = F.cross_entropy(model.lm_head(h).flatten(0, 1), y.flatten(), ignore_index=PAD)
+            mtp = model.mtp_forward(h, x)[0]  # position i predicts token i + 2, the target of position i + 1
+            ce_mtp = F.cross_entropy(mtp.flatten(0, 1), y[:, 1:].flatten(), ignore_index=PAD)
             loss = ce + mtp_weight * ce_mtp
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -119,7 +122,7 @@ def run(out_dir: str | Path = "runs/demo", steps: int = 400, seed: int = 0, lr: 
     ckpt = out_dir / "model"
     M.save(model, ckpt)
     again = M.load(ckpt).eval()
-    probe = batch(test[:8], T)
+    probe = batch(test[:8], T)[0]
     with torch.no_grad():
         same_logits = torch.equal(model.eval()(probe), again(probe))
         # greedy through the latent cache (absorbed attention) equals argmax of the uncached forward
