@@ -212,3 +212,18 @@ def test_bf16_runs_and_keeps_balancing_bias_fp32():
         ref = model.float()(x)
     assert out.dtype == torch.bfloat16
     assert ((out.float() - ref).norm() / ref.norm()) < 0.05
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_equals_unfused(reduction):
+    h = torch.randn(3, 37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (3, 37))
+    t[0, :5] = -100
+    fused = M.linear_cross_entropy(h, w, t, reduction=reduction, chunk=16)
+    gh, gw = torch.autograd.grad(fused * 1.7, (h, w))
+    ref = torch.nn.functional.cross_entropy((h @ w.t()).flatten(0, 1), t.flatten(), reduction=reduction)
+    rh, rw = torch.autograd.grad(ref * 1.7, (h, w))
+    torch.testing.assert_close(fused, ref)
+    torch.testing.assert_close(gh, rh)
+    torch.testing.assert_close(gw, rw)

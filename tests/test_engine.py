@@ -1,0 +1,244 @@
+"""The engine against its slow twin (token-by-token argmax of the uncached model) and its promises."""
+
+import asyncio
+
+import pytest
+import torch
+
+import r1kit.model as M
+from r1kit import config as C
+from r1kit.engine import AsyncEngine, Engine, LLM, RequestError, SamplingParams
+from r1kit.tokenizer import train_bpe
+
+EOS = 2
+
+
+def mla_config(**kw):
+    return C.tiny(**{**dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, q_lora_rank=32,
+                            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
+                            moe_intermediate_size=16, intermediate_size=32, num_nextn_predict_layers=1,
+                            max_position_embeddings=96, eos_token_id=EOS), **kw})
+
+
+@pytest.fixture(scope="module")
+def mla():
+    torch.manual_seed(0)
+    return M.build(mla_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def dense():
+    torch.manual_seed(0)
+    return M.build(C.tiny_dense(vocab_size=64, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                intermediate_size=96, eos_token_id=EOS, max_position_embeddings=96)).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [f"{a} plus {b} is {a + b}. The end, stop here." for a in range(30) for b in range(10)]
+    return train_bpe(texts, vocab_size=300)
+
+
+def reference_greedy(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [5, 6, 7, 8, 9, 10, 12, 13], [20]]
+
+
+@pytest.mark.parametrize("which", ["mla", "dense"])
+def test_greedy_equals_uncached_argmax(which, mla, dense):
+    model = {"mla": mla, "dense": dense}[which]
+    outs = LLM(model, max_num_seqs=4).generate(PROMPTS, SamplingParams(temperature=0, max_tokens=15, ignore_eos=True))
+    for p, o in zip(PROMPTS, outs):
+        assert o.outputs[0].token_ids == reference_greedy(model, p, 15)
+        assert o.outputs[0].finish_reason == "length" and o.prompt_token_ids == p
+
+
+def test_continuous_batching_matches_running_alone(mla):
+    params = [SamplingParams(temperature=0.8, max_tokens=12, seed=i, ignore_eos=True) for i in range(4)]
+    alone = [LLM(mla).generate([p], sp)[0].outputs[0].token_ids for p, sp in zip(PROMPTS, params)]
+    engine = Engine(mla, max_num_seqs=2)  # fewer slots than requests: later ones wait for a free slot
+    got, ids = {}, []
+    for step in range(200):
+        if step % 3 == 0 and len(ids) < len(PROMPTS):  # requests arrive at different steps
+            ids.append(engine.add_request(PROMPTS[len(ids)], params[len(ids)]))
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+        if len(got) == len(PROMPTS):
+            break
+    assert [got[r] for r in ids] == alone
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(mla):
+    llm = LLM(mla)
+    a = llm.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=7, ignore_eos=True))
+    b = llm.generate(PROMPTS[::-1], SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=7, ignore_eos=True))[::-1]
+    c = llm.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=8, ignore_eos=True))
+    toks = lambda outs: [[o.token_ids for o in r.outputs] for r in outs]
+    assert toks(a) == toks(b)  # batch order and neighbours do not matter
+    assert toks(a) != toks(c)
+    assert len({tuple(o.token_ids) for o in a[0].outputs}) == 3  # the n samples differ
+
+
+def test_sampling_respects_top_k_and_top_p(mla):
+    with torch.no_grad():
+        logits = mla(torch.tensor([PROMPTS[1]]))[0, -1]
+    top3 = set(logits.topk(3).indices.tolist())
+    outs = LLM(mla).generate([PROMPTS[1]], SamplingParams(n=40, temperature=5.0, top_k=3, max_tokens=1, seed=0))
+    firsts = {o.token_ids[0] for o in outs[0].outputs}
+    assert firsts <= top3 and len(firsts) > 1
+    outs = LLM(mla).generate([PROMPTS[1]], SamplingParams(n=20, temperature=1.0, top_p=1e-6, max_tokens=1, seed=0))
+    assert {o.token_ids[0] for o in outs[0].outputs} == {int(logits.argmax())}
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    from r1kit.engine import sample
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(4000, 1)
+    keys = torch.arange(4000)
+    one = lambda v: torch.full((4000,), v)
+    picks = sample(logits, one(1.0), one(1.0), one(-1).long(), one(0.0), keys, torch.zeros(4000, dtype=torch.long), False)
+    freq = torch.bincount(picks, minlength=4).float() / 4000
+    torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.03, rtol=0)
+
+
+def test_max_tokens_eos_and_min_tokens(mla):
+    llm = LLM(mla)
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=7, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 7 and out.finish_reason == "length"
+    first = out.token_ids[2]  # make the third greedy token a stop token
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=7, stop_token_ids=[first]))[0].outputs[0]
+    assert out.token_ids[-1] == first and len(out.token_ids) == out.token_ids.index(first) + 1
+    assert out.finish_reason == "stop" and out.stop_reason == first
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=7, min_tokens=5,
+                                                    stop_token_ids=[first]))[0].outputs[0]
+    assert first not in out.token_ids[:5]
+
+
+def test_stop_strings_cut_the_text_exactly(tok):
+    torch.manual_seed(0)
+    model = M.build(C.tiny_dense(vocab_size=tok.vocab_size, hidden_size=64, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=96, eos_token_id=tok.eos_token_id)).eval()
+    llm = LLM(model, tokenizer=tok)
+    free = llm.generate(["3 plus 4"], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].outputs[0]
+    assert len(free.text) > 6
+    stop = free.text[3:6]
+    cut = llm.generate(["3 plus 4"], SamplingParams(temperature=0, max_tokens=20, stop=[stop]))[0].outputs[0]
+    assert cut.text == free.text[: free.text.index(stop)] and cut.finish_reason == "stop" and cut.stop_reason == stop
+    kept = llm.generate(["3 plus 4"], SamplingParams(temperature=0, max_tokens=20, stop=stop,
+                                                     include_stop_str_in_output=True))[0].outputs[0]
+    assert kept.text == free.text[: free.text.index(stop) + len(stop)]
+
+
+def test_logprobs_equal_the_model_log_softmax(mla):
+    out = LLM(mla).generate([PROMPTS[0]], SamplingParams(temperature=0.7, max_tokens=5, seed=3, logprobs=2,
+                                                         ignore_eos=True))[0].outputs[0]
+    ids = PROMPTS[0] + out.token_ids
+    with torch.no_grad():
+        logp = mla(torch.tensor([ids]))[0].log_softmax(-1)
+    for t, (tok_id, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = logp[len(PROMPTS[0]) - 1 + t]
+        assert entry[tok_id] == pytest.approx(float(row[tok_id]), abs=1e-4)
+        assert set(row.topk(2).indices.tolist()) <= set(entry)
+    assert out.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(out.token_ids, out.logprobs)))
+
+
+def test_fan_out_prefills_a_prompt_once(mla):
+    llm = LLM(mla, enable_prefix_caching=False)
+    llm.generate([PROMPTS[2]], SamplingParams(n=6, max_tokens=3, seed=0))
+    assert llm.stats.prompt_tokens == len(PROMPTS[2])
+
+
+def test_prefix_cache_reuses_and_invalidates(mla):
+    model = M.build(mla_config()).eval()
+    llm = LLM(model)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    long = list(range(3, 40))
+    first = llm.generate([long], params)[0]
+    again = llm.generate([long + [41, 42]], params)[0]
+    assert first.num_cached_tokens == 0 and again.num_cached_tokens == len(long)
+    assert again.outputs[0].token_ids == reference_greedy(model, long + [41, 42], 6)
+    with torch.no_grad():  # an optimizer step changes the weights in place: cached K/V are stale
+        model.lm_head.weight.mul_(1.5)
+    third = llm.generate([long + [41, 42]], params)[0]
+    assert third.num_cached_tokens == 0
+    assert third.outputs[0].token_ids == reference_greedy(model, long + [41, 42], 6)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_speculative_decoding_equals_plain(mla, temperature):
+    params = SamplingParams(n=2, temperature=temperature, max_tokens=14, seed=5, ignore_eos=True)
+    plain = LLM(mla).generate(PROMPTS, params)
+    spec = LLM(mla, speculative=True)
+    fast = spec.generate(PROMPTS, params)
+    assert [[o.token_ids for o in r.outputs] for r in plain] == [[o.token_ids for o in r.outputs] for r in fast]
+    assert spec.stats.draft_tokens > 0 and 0 <= spec.stats.acceptance_rate <= 1
+    assert spec.stats.steps < LLM(mla).engine.stats.steps + 20 * len(PROMPTS)
+
+
+def test_an_always_right_draft_halves_the_steps():
+    """Zeroed output norms make both heads' logits flat, so target and draft both pick token 0: every draft is
+    accepted and each step emits two tokens."""
+    model = M.build(mla_config()).eval()
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+        model.mtp[0].shared_head.norm.weight.zero_()
+    spec = LLM(model, speculative=True)
+    out = spec.generate([[7, 8, 9]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].outputs[0]
+    assert out.token_ids == [0] * 20
+    assert spec.stats.acceptance_rate == 1.0
+    assert spec.stats.steps <= 11  # prefill + 10 verify steps of two tokens, against 20 plain steps
+
+
+def test_cache_bytes_per_token_formula(mla):
+    engine = Engine(mla, max_num_seqs=2)
+    cfg = mla.config
+    assert engine.cache.bytes_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
+
+
+def test_bad_requests_name_the_parameter(mla):
+    with pytest.raises(RequestError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(RequestError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(RequestError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    engine = Engine(mla, max_num_seqs=2)
+    with pytest.raises(RequestError, match="context") as e:
+        engine.add_request(list(range(3, 60)) * 2)
+    assert e.value.param == "prompt"
+    with pytest.raises(RequestError, match="n=3 exceeds max_num_seqs=2"):
+        engine.add_request([3, 4], SamplingParams(n=3))
+    with pytest.raises(RequestError, match="text prompt needs a tokenizer"):
+        engine.add_request("hello")
+
+
+def test_async_stream_and_cancel_frees_slots(mla):
+    engine = Engine(mla, max_num_seqs=2)
+    aeng = AsyncEngine(engine)
+
+    async def main():
+        got = []
+        async for out in aeng.stream([5, 6, 7], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), "a"):
+            got.append(len(out.outputs[0].token_ids))
+        async for out in aeng.stream([5, 6], SamplingParams(max_tokens=50, ignore_eos=True), "b"):
+            if len(out.outputs[0].token_ids) >= 3:
+                break  # a client going away mid-stream
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            if not engine.running and not engine.waiting:
+                break
+        return got
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        aeng.shutdown()
+    assert got[-1] == 8 and got == sorted(got)
+    assert not engine.running and len(engine.free_slots) == 2
