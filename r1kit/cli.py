@@ -29,9 +29,118 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from r1kit import rewards, testtime
+    from r1kit.engine import LLM, SamplingParams
+
+    prompts = list(args.prompt)
+    if args.file:
+        try:
+            prompts += [line.rstrip("\n") for line in open(args.file, encoding="utf-8") if line.strip()]
+        except OSError as e:
+            print(f"r1kit generate: error: --file {args.file}: {e.strerror}", file=sys.stderr)
+            return 2
+    if not prompts:
+        print("r1kit generate: error: give at least one prompt (argument or --file)", file=sys.stderr)
+        return 2
+    llm = LLM(args.model, speculative=args.speculative, max_num_seqs=max(64, args.n))
+    tok = llm.tokenizer
+    if tok is None:
+        print(f"r1kit generate: error: {args.model} has no tokenizer.json; text prompts need one", file=sys.stderr)
+        return 2
+    rendered = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                if args.chat else p for p in prompts]
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed, stop=args.stop or None)
+    if args.thinking_budget:
+        samples = testtime.generate_with_budget(llm, rendered, params, args.thinking_budget,
+                                                min_thinking=args.min_thinking, answer_tokens=args.max_tokens)
+        texts = [[s.text for s in row] for row in samples]
+    else:
+        texts = [[o.text for o in r.outputs] for r in llm.generate(rendered, params, use_tqdm=not args.json)]
+    prefilled = args.chat and tok.prefills_think
+    results = []
+    for prompt, row in zip(prompts, texts):
+        answers = [testtime.extract_answer(t, prefilled=prefilled) for t in row]
+        entry = {"prompt": prompt, "samples": [{"text": t, "answer": a} for t, a in zip(row, answers)]}
+        if args.vote:
+            entry["majority"], entry["majority_share"] = testtime.majority_vote(answers)
+        if args.answer is not None:
+            for smp in entry["samples"]:
+                smp["correct"] = rewards.check_answer(smp["answer"], args.answer)
+            if args.vote:
+                entry["majority_correct"] = rewards.check_answer(entry["majority"] or "", args.answer)
+        if args.best_of_n:
+            best, scores = testtime.best_of_n(row, lambda t: rewards.score(t, args.answer, args.best_of_n,
+                                                                           prefilled=prefilled)["reward"])
+            entry["best"], entry["best_scores"] = best, scores
+        results.append(entry)
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+        return 0
+    for entry in results:
+        print(f"\n>>> {entry['prompt']}")
+        for i, smp in enumerate(entry["samples"]):
+            mark = {1.0: " [correct]", 0.0: " [wrong]"}.get(smp.get("correct"), "")
+            print(f"--- sample {i}{mark}\n{smp['text']}")
+        if "majority" in entry:
+            print(f"=== majority vote: {entry['majority']!r} ({entry['majority_share']:.0%} of samples)")
+        if "best" in entry:
+            print(f"=== best of {len(entry['samples'])}: sample {entry['best']}")
+    if llm.stats.draft_tokens:
+        print(f"speculative decoding: {llm.stats.acceptance_rate:.0%} of MTP drafts accepted")
+    return 0
+
+
+# The training stages: each one's flags are its config dataclass's fields (`r1kit grpo --help`), parsed by
+# r1kit.train.parse_args after the stage module is imported, so `r1kit info` never pays for it.
+STAGES = {
+    "pretrain": ("r1kit.pretrain", "PretrainConfig", "pretrain", "pretrain a base model: next-token + MTP loss, packing, "
+                 "balancing bias"),
+    "sft": ("r1kit.sft", "SFTConfig", "sft", "supervised fine-tuning on conversations (loss on assistant tokens)"),
+    "grpo": ("r1kit.grpo", "GRPOConfig", "grpo", "GRPO with verifiable rewards (TRL's option names)"),
+}
+
+
+def _stage(name: str, argv: list[str]) -> int:
+    import importlib
+
+    from r1kit.checkpoint import CheckpointError
+    from r1kit.config import ConfigError
+
+    module_name, config_name, function_name, description = STAGES[name]
+    module = importlib.import_module(module_name)
+    from r1kit import train
+
+    try:
+        cfg = train.parse_args(getattr(module, config_name), argv, prog=f"r1kit {name}", description=description,
+                               aliases={"out": "output_dir"})
+        result = getattr(module, function_name)(cfg)
+    except (ConfigError, CheckpointError, ValueError) as e:
+        print(f"r1kit {name}: error: {e}", file=sys.stderr)
+        return 2
+    except train.TrainingError as e:
+        print(f"r1kit {name}: {e}", file=sys.stderr)
+        return 1
+    if train.int_env("RANK", 0) == 0:
+        print(json.dumps(result))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from r1kit import serve
+
+    return serve.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in STAGES:
+        return _stage(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="r1kit", description="The DeepSeek-R1 recipe end to end.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, _, _, description) in STAGES.items():
+        sub.add_parser(name, help=description + f" (r1kit {name} --help)", add_help=False)
 
     p = sub.add_parser("run", help="the main job: train a tiny DeepSeek-V3 end to end and check every fast path")
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
@@ -44,13 +153,58 @@ def main(argv: list[str] | None = None) -> int:
                                   "deepseek-v2-lite)")
     p.set_defaults(func=_info)
 
+    p = sub.add_parser("generate", help="sample from a checkpoint: majority vote, best-of-N, thinking budgets")
+    p.add_argument("model", help="checkpoint directory (with tokenizer.json)")
+    p.add_argument("prompt", nargs="*", help="prompts (user messages when --chat)")
+    p.add_argument("--file", help="a text file with one prompt per line")
+    p.add_argument("--raw", dest="chat", action="store_false", help="send prompts as-is, without the chat template")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt (default: 1)")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: 0.6, as R1 recommends)")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument("--vote", action="store_true", help="majority vote over the samples' answers (cons@n)")
+    p.add_argument("--answer", help="the gold answer: mark each sample and the vote correct or wrong")
+    p.add_argument("--best-of-n", metavar="REWARDS", help="pick the sample with the highest reward, e.g. "
+                                                          "'accuracy=1,format=0.1' (accuracy needs --answer)")
+    p.add_argument("--thinking-budget", type=int, default=0, help="cap the reasoning at this many tokens")
+    p.add_argument("--min-thinking", type=int, default=0, help="extend reasoning shorter than this with 'Wait'")
+    p.add_argument("--speculative", action="store_true", help="draft with the model's MTP module")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("serve", help="serve a checkpoint behind the OpenAI/DeepSeek API, with a chat page at /")
+    p.add_argument("model", metavar="DIR", help="checkpoint directory (Hugging Face layout, with its tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $R1KIT_API_KEY; prefer "
+                                     "the variable: a flag shows in the process list)")
+    p.add_argument("--served-model-name", help="the model's name in the API (default: DIR's basename)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and cache (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences generated at once (default: 64)")
+    p.add_argument("--max-model-len", type=int, help="context length in tokens (default: the model's)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="sequences that may wait for a slot; beyond that, requests get 429 (default: 256)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request (default: 600)")
+    p.add_argument("--price-input-miss", type=float, help="USD per million input tokens on a prefix-cache miss "
+                                                           "(default: DeepSeek-R1's 0.55)")
+    p.add_argument("--price-input-hit", type=float, help="USD per million input tokens on a cache hit (default: 0.14)")
+    p.add_argument("--price-output", type=float, help="USD per million output tokens (default: 2.19)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_serve)
+
     args = parser.parse_args(argv)
     from r1kit.checkpoint import CheckpointError
     from r1kit.config import ConfigError
+    from r1kit.engine import RequestError
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, RequestError) as e:
         print(f"r1kit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

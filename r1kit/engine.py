@@ -161,12 +161,14 @@ def exponential_noise(keys: Tensor, steps: Tensor, vocab: int) -> Tensor:
 
 
 def sample(logits: Tensor, temperature: Tensor, top_p: Tensor, top_k: Tensor, min_p: Tensor, keys: Tensor,
-           steps: Tensor, filtering: bool) -> Tensor:
+           steps: Tensor, filtering: bool, all_greedy: bool = False) -> Tensor:
     """One token per row of logits (B, V). Rows with temperature 0 take the argmax.
 
-    `filtering` says whether any row uses top-p / top-k / min-p (known on the host, so no sync to find out).
+    `filtering` (any row uses top-p / top-k / min-p) and `all_greedy` are known on the host: no sync to find out.
     """
     greedy = temperature == 0
+    if all_greedy:
+        return logits.argmax(dim=-1)
     scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(1)
     if filtering:
         scaled = _filter(scaled, top_p, top_k, min_p)
@@ -237,8 +239,11 @@ class Engine:
 
     def __init__(self, model: M.Transformer, tokenizer=None, *, max_num_seqs: int = 64, max_model_len: int | None = None,
                  dtype: torch.dtype | None = None, enable_prefix_caching: bool = True, speculative: bool = False,
-                 eos_token_ids: Iterable[int] | None = None):
+                 eos_token_ids: Iterable[int] | None = None, compile: bool = False):
         self.model, self.tokenizer = model, tokenizer
+        # The one-token decode step is hundreds of small ops; compiled, they fuse (measured: bench/generate.py).
+        # Prefill and verification keep the eager path, which is also the reference for the compiled one.
+        self._decode_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
         cfg = model.config
         self.device = next(model.parameters()).device
         self.max_num_seqs = max_num_seqs
@@ -342,6 +347,12 @@ class Engine:
                 self.requests.pop(req.request_id, None)
         return outputs
 
+    def _kv_len(self, n: int) -> int:
+        """Keys to attend over, rounded up to a multiple of 64: matmul kernels are set up once per shape (tens of
+        ms on CPU), so a context that grows by one token a step must not be a new shape every step. The extra
+        keys are masked: each query sees only positions at or before its own."""
+        return min(self.max_model_len, -(-n // 64) * 64)
+
     def _version(self) -> int:
         return sum(p._version for p in self.model.parameters())
 
@@ -368,7 +379,7 @@ class Engine:
             last[i] = len(new) - 1
         slots = torch.tensor([s.slot for s in leaders])
         hidden = self.model(ids.to(self.device), positions=positions.to(self.device), cache=self.cache,
-                            slots=slots.to(self.device), kv_len=max(len(s.request.prompt_ids) for s in leaders),
+                            slots=slots.to(self.device), kv_len=self._kv_len(max(len(s.request.prompt_ids) for s in leaders)),
                             head=False)  # (B, T, dim)
         h_last = hidden[torch.arange(B), last.to(self.device)]  # (B, dim)
         logits = self.model.lm_head(h_last).float()  # (B, V)
@@ -459,8 +470,8 @@ class Engine:
         tokens = torch.tensor([[s.pending] for s in seqs], device=self.device)
         positions = torch.tensor([[s.pos] for s in seqs], device=self.device)
         slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        hidden = self.model(tokens, positions=positions, cache=self.cache, slots=slots,
-                            kv_len=max(s.pos for s in seqs) + 1, head=False)
+        hidden = self._decode_forward(tokens, positions=positions, cache=self.cache, slots=slots,
+                                      kv_len=self._kv_len(max(s.pos for s in seqs) + 1), head=False)
         logits = self.model.lm_head(hidden[:, -1]).float()
         for s in seqs:
             self.slot_tokens[s.slot, s.pos] = s.pending
@@ -482,7 +493,7 @@ class Engine:
         keys = torch.tensor([s.key for s in seqs], device=dev)
         steps = torch.tensor([len(s.out) for s in seqs], device=dev)
         filtering = any(p.top_p < 1 or p.top_k > 0 or p.min_p > 0 for p in params if not p.greedy)
-        return sample(logits, temperature, top_p, top_k, min_p, keys, steps, filtering)
+        return sample(logits, temperature, top_p, top_k, min_p, keys, steps, filtering, all(p.greedy for p in params))
 
     def _accept(self, seqs: list[_Seq], tokens: Tensor, logits: Tensor) -> None:
         """Append each sequence's new token (one host sync for the batch) and apply the stop rules."""
@@ -566,14 +577,14 @@ class Engine:
             nxt = req.prompt_ids[req.seqs[0].pos + 1 :]  # leader.pos is still the cached prefix here
             ids[i, : min(len(nxt), T)] = torch.tensor(nxt[:T], dtype=torch.long)
         slots = torch.tensor([r.seqs[0].slot for r in admitted], device=self.device)
-        self._mtp(hidden, ids.to(self.device), positions.to(self.device), slots, int(positions.max()) + 1)
+        self._mtp(hidden, ids.to(self.device), positions.to(self.device), slots, self._kv_len(int(positions.max()) + 1))
 
     def _mtp_draft(self, seqs: list[_Seq], h: Tensor, tokens: list[int], positions: list[int]) -> None:
         """One MTP position per sequence (h (B, dim), its next token, its position) -> each sequence's draft."""
         dev = self.device
         out = self._mtp(h.unsqueeze(1), torch.tensor(tokens, device=dev).unsqueeze(1),
                         torch.tensor(positions, device=dev).unsqueeze(1),
-                        torch.tensor([s.slot for s in seqs], device=dev), max(positions) + 1)
+                        torch.tensor([s.slot for s in seqs], device=dev), self._kv_len(max(positions) + 1))
         drafts = self._sample(seqs, self.model.lm_head(out[:, 0]).float()).tolist()
         for s, d in zip(seqs, drafts):
             s.draft = d
@@ -590,7 +601,7 @@ class Engine:
         positions = torch.tensor([[s.pos, s.pos + 1] for s in seqs], device=dev)
         slots = torch.tensor([s.slot for s in seqs], device=dev)
         hidden = self.model(tokens, positions=positions, cache=self.cache, slots=slots,
-                            kv_len=max(s.pos for s in seqs) + 2, head=False)  # (B, 2, dim)
+                            kv_len=self._kv_len(max(s.pos for s in seqs) + 2), head=False)  # (B, 2, dim)
         logits = self.model.lm_head(hidden).float()  # (B, 2, V)
         first = self._sample(seqs, logits[:, 0].clone())
         # the second token is sampled as if the draft had been accepted (its step is one later)
@@ -622,7 +633,7 @@ class Engine:
             sub = [seqs[i] for i in rows]
             self._mtp(hidden[rows, 0].unsqueeze(1), torch.tensor([[firsts[i]] for i in rows], device=dev),
                       torch.tensor([[seqs[i].pos - 2] for i in rows], device=dev),
-                      torch.tensor([s.slot for s in sub], device=dev), max(s.pos for s in sub) - 1)
+                      torch.tensor([s.slot for s in sub], device=dev), self._kv_len(max(s.pos for s in sub) - 1))
         live = [i for i, s in enumerate(seqs) if s.finish_reason is None]
         if live:
             self._mtp_draft([seqs[i] for i in live], torch.stack([mtp_h[i] for i in live]),
@@ -647,7 +658,7 @@ class LLM:
 
     def __init__(self, model: str | Path | M.Transformer, tokenizer=None, *, device=None, dtype=None,
                  max_num_seqs: int = 64, max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 speculative: bool = False):
+                 speculative: bool = False, compile: bool = False):
         if isinstance(model, (str, Path)):
             path = Path(model)
             model = M.load(path, device=device, dtype=dtype)
@@ -657,7 +668,7 @@ class LLM:
                 tokenizer = load_tokenizer(path)
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                             enable_prefix_caching=enable_prefix_caching, speculative=speculative)
+                             enable_prefix_caching=enable_prefix_caching, speculative=speculative, compile=compile)
 
     @property
     def stats(self) -> EngineStats:

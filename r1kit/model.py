@@ -45,10 +45,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # fp32 statistics whatever the activation dtype, as the checkpoints were trained
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
+        # fp32 statistics whatever the activation dtype, then the weight in the activation dtype (as HF does)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -165,6 +165,7 @@ class Context:
     slots: Tensor | None = None  # (B,) cache row of each input row; None = rows 0..B-1
     kv_len: int = 0  # keys to attend over (cache only)
     mask: Tensor | None = None  # (B, 1, T, kv_len) bool, True = may attend; None = plain causal
+    bias: Tensor | None = None  # the same as 0 / -inf, (B, T, 1, kv_len), for the absorbed path
 
     def write(self, layer: int, buf: Tensor, new: Tensor) -> Tensor:
         """Store `new` (B, T, ...) at each row's positions in `buf` and return the rows (B, kv_len, ...)."""
@@ -237,7 +238,7 @@ class MLA(nn.Module):
             latent = ctx.write(self.layer_idx, ctx.cache.layers[self.layer_idx], latent)  # (B, S, r + dr)
         S = latent.shape[1]
         if self.use_absorbed(T, S):
-            out = self._absorbed(q_nope, q_pe, latent, ctx.mask)
+            out = self._absorbed(q_nope, q_pe, latent, ctx.bias)
         else:
             out = self._naive(q_nope, q_pe, latent, ctx.mask)
         return self.o_proj(out.reshape(B, T, H * self.v_dim))
@@ -259,21 +260,22 @@ class MLA(nn.Module):
         )
         return o.transpose(1, 2)[..., : self.v_dim]  # (B, T, H, dv)
 
-    def _absorbed(self, q_nope: Tensor, q_pe: Tensor, latent: Tensor, mask: Tensor | None) -> Tensor:
+    def _absorbed(self, q_nope: Tensor, q_pe: Tensor, latent: Tensor, bias: Tensor | None) -> Tensor:
         B, T, H, _ = q_nope.shape
         S, r = latent.shape[1], self.kv_lora_rank
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, r)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, dn, r), (H, dv, r)
-        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)  # (B, T, H, r)
+        q_lat = torch.bmm(q_nope.reshape(B * T, H, self.nope_dim).transpose(0, 1), w_uk)  # (H, B*T, r)
         # Every head attends to the same latent keys, so heads fold into the query rows: one matmul, no repeat.
-        qq = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, r + self.rope_dim)
-        scores = torch.bmm(qq, latent.transpose(1, 2)).view(B, T, H, S) * self.softmax_scale
-        if mask is None:
-            mask = torch.ones(T, S, dtype=torch.bool, device=latent.device).tril(S - T)[None, None]
-        scores = scores.masked_fill(~mask.transpose(1, 2), float("-inf"))  # mask (B, 1, T, S) -> (B, T, 1, S)
-        probs = scores.float().softmax(dim=-1).to(latent.dtype)
-        o_lat = torch.bmm(probs.view(B, T * H, S), latent[..., :r]).view(B, T, H, r)
-        return torch.einsum("bthr,hdr->bthd", o_lat, w_uv)  # (B, T, H, dv)
+        qq = torch.cat([q_lat.transpose(0, 1).reshape(B, T, H, r), q_pe], dim=-1).view(B, T * H, r + self.rope_dim)
+        scores = torch.baddbmm(bias.expand(B, T, H, S).reshape(B, T * H, S), qq, latent.transpose(1, 2),
+                               alpha=self.softmax_scale) if bias is not None else \
+            torch.bmm(qq, latent.transpose(1, 2)).mul_(self.softmax_scale) + torch.full(
+                (T, S), float("-inf"), device=latent.device).triu_(S - T + 1).repeat_interleave(H, 0)
+        probs = scores.float().softmax(dim=-1).to(latent.dtype)  # (B, T*H, S)
+        o_lat = torch.bmm(probs, latent[..., :r])  # (B, T*H, r)
+        o = torch.bmm(o_lat.view(B * T, H, r).transpose(0, 1), w_uv.transpose(1, 2))  # (H, B*T, dv)
+        return o.transpose(0, 1).view(B, T, H, self.v_dim)
 
 
 class Attention(nn.Module):
@@ -365,7 +367,21 @@ class Experts(nn.Module):
         self.impl = "grouped"  # or "looped": the slow reference
 
     def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
-        return self.looped(x, weights, indices) if self.impl == "looped" else self.grouped(x, weights, indices)
+        if self.impl == "looped":
+            return self.looped(x, weights, indices)
+        if indices.numel() <= 4 and not torch.is_grad_enabled():  # decoding one or two tokens: gather weights
+            return self.gathered(x, weights, indices)
+        return self.grouped(x, weights, indices)
+
+    def gathered(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        """Fetch each (token, expert) pair's weights and run them as one batched matmul: fewest ops for a few
+        tokens, where grouping would launch a matmul per expert."""
+        N, K = indices.shape
+        flat = indices.flatten()
+        h = torch.bmm(self.gate_up_proj[flat], x.repeat_interleave(K, dim=0).unsqueeze(-1)).squeeze(-1)  # (N*K, 2I)
+        h = F.silu(h[:, : self.inter]) * h[:, self.inter :]
+        y = torch.bmm(self.down_proj[flat], h.unsqueeze(-1)).squeeze(-1)  # (N*K, dim)
+        return (y.view(N, K, -1) * weights.unsqueeze(-1)).sum(dim=1)
 
     def grouped(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         """Sort (token, expert) pairs by expert and run each expert once on its contiguous block of tokens."""
@@ -533,7 +549,10 @@ class Transformer(nn.Module):
         if cache is not None:
             ctx.kv_len = kv_len if kv_len is not None else int(positions.max()) + 1
             keys = torch.arange(ctx.kv_len, device=positions.device)
-            ctx.mask = (keys <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
+            visible = keys <= positions.unsqueeze(-1)  # (B, T, S)
+            ctx.mask = visible.unsqueeze(1)  # (B, 1, T, S)
+            ctx.bias = torch.zeros(visible.shape, dtype=torch.float32, device=positions.device).masked_fill_(
+                ~visible, float("-inf")).unsqueeze(2)  # (B, T, 1, S)
         return ctx
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,

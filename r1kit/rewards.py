@@ -505,6 +505,19 @@ def _clip(x: Any, lo: float, hi: float) -> float:
     return min(hi, max(lo, x))
 
 
+def normalize_answer(answer: str) -> str:
+    """A canonical key for an extracted answer, so equal answers written differently vote together
+    (`\\boxed{1/2}`, `0.5` and `$0.5$` share a key; text answers are case- and space-folded)."""
+    if not isinstance(answer, str):
+        return ""
+    text = _normalize_text(answer)
+    number = _as_number(text)
+    if number is not None:
+        value, percent = number
+        return f"{value.numerator}/{value.denominator}" + ("%" if percent else "")
+    return text
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The rewards
 

@@ -1,0 +1,201 @@
+"""Decoding speed: r1kit's engine vs transformers `generate` on the same checkpoint, side by side in one run.
+
+The tiny DeepSeek-V3 of shared/BASELINES.md (random weights, fp32, 2 threads), and a dense Qwen2 of similar size:
+- decode tokens/s at batch 1 and 16 (prompt 32, 128 new tokens, greedy, EOS ignored), wall time incl. prefill;
+- decode step time against context length (batch 1): 32 / 256 / 1k / 2k / 4k tokens of prompt;
+- KV-cache bytes per token;
+- MTP speculative decoding at batch 1 on a model whose MTP head is trained (a few hundred steps on patterned
+  text), against plain decoding of the same model: tokens/s ratio and acceptance rate.
+
+    .venv/bin/python bench/generate.py [--quick]       # prints a table, writes bench/results/generate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import r1kit.model as M
+from r1kit import config as C
+from r1kit.engine import LLM, SamplingParams
+
+torch.set_num_threads(2)
+PROMPT, NEW = 32, 128
+
+
+def hf_pair(kind: str):
+    import transformers
+
+    torch.manual_seed(0)
+    if kind == "deepseek_v3":
+        cfg = transformers.DeepseekV3Config(
+            vocab_size=4096, hidden_size=256, num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8,
+            num_key_value_heads=8, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+            v_head_dim=32, n_routed_experts=16, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=128,
+            intermediate_size=512, n_group=1, topk_group=1, max_position_embeddings=8192, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2)
+        hf = transformers.DeepseekV3ForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192,
+                                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        hf = transformers.Qwen2ForCausalLM(cfg)
+    hf.eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = M.load(d).eval()
+    return hf, ours
+
+
+def time_hf(hf, batch: int, prompt_len: int, new: int, reps: int) -> float:
+    x = torch.randint(3, 4096, (batch, prompt_len))
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        hf.generate(x, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            hf.generate(x, **kw)
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def time_ours(llm: LLM, batch: int, prompt_len: int, new: int, reps: int) -> float:
+    x = torch.randint(3, 4096, (batch, prompt_len)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+    llm.generate(x, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    ts = []
+    for r in range(reps):
+        x = torch.randint(3, 4096, (batch, prompt_len)).tolist()  # fresh prompts: no prefix-cache hits
+        t0 = time.perf_counter()
+        llm.generate(x, params)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def step_time(fn_full, fn_short) -> float:
+    """Per-token decode time: (time for `new` tokens - time for 1 token) / (new - 1), removing the prefill."""
+    return (fn_full() - fn_short()) / (NEW - 1)
+
+
+def decode_table(kind: str, reps: int, contexts: list[int]) -> dict:
+    hf, ours = hf_pair(kind)
+    llm = LLM(ours, max_num_seqs=16, max_model_len=max(contexts) + NEW + 8)
+    res = {"kv_cache_bytes_per_token": {"r1kit": llm.engine.cache.bytes_per_token}}
+    cfg = ours.config
+    if cfg.is_mla:  # transformers caches the latent too, but expands it through kv_b_proj every step
+        res["kv_cache_bytes_per_token"]["transformers"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
+    else:
+        res["kv_cache_bytes_per_token"]["transformers"] = llm.engine.cache.bytes_per_token
+    for batch in (1, 16):
+        th = time_hf(hf, batch, PROMPT, NEW, reps)
+        to = time_ours(llm, batch, PROMPT, NEW, reps)
+        res[f"batch{batch}"] = {"transformers_tokens_per_s": batch * NEW / th, "r1kit_tokens_per_s": batch * NEW / to,
+                                "speedup": th / to}
+        print(kind, f"batch {batch}", json.dumps(res[f"batch{batch}"]), flush=True)
+    res["step_ms_vs_context"] = {}
+    for ctx in contexts:
+        th = (time_hf(hf, 1, ctx, NEW, reps) - time_hf(hf, 1, ctx, 1, reps)) / (NEW - 1)
+        to = (time_ours(llm, 1, ctx, NEW, reps) - time_ours(llm, 1, ctx, 1, reps)) / (NEW - 1)
+        res["step_ms_vs_context"][ctx] = {"transformers": th * 1e3, "r1kit": to * 1e3}
+        print(kind, f"context {ctx}", json.dumps(res["step_ms_vs_context"][ctx]), flush=True)
+    s = res["step_ms_vs_context"]
+    for name in ("transformers", "r1kit"):
+        res[f"{name}_growth_{contexts[0]}_to_{contexts[-1]}"] = s[contexts[-1]][name] / s[contexts[0]][name]
+    return res
+
+
+def trained_mtp_model(steps: int) -> M.Transformer:
+    """A small MLA+MoE+MTP model trained on patterned text, so its MTP head has something to predict."""
+    torch.manual_seed(0)
+    cfg = C.tiny(vocab_size=4096, max_position_embeddings=1024, num_nextn_predict_layers=1)
+    model = M.build(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def batch(B=16, T=160):  # sequences of repeated short random motifs: predictable a token or two ahead
+        rows = []
+        for _ in range(B):
+            motif = torch.randint(3, 4096, (int(torch.randint(3, 9, ())),))
+            rows.append(motif.repeat(T // len(motif) + 1)[:T])
+        return torch.stack(rows)
+
+    model.train()
+    for _ in range(steps):
+        x = batch()
+        h = model(x, head=False)
+        tgt = F.pad(x[:, 1:], (0, 1), value=-100)
+        loss = M.linear_cross_entropy(h, model.lm_head.weight, tgt)
+        mtp = model.mtp_forward(h, x)[0]
+        loss = loss + 0.5 * M.linear_cross_entropy(mtp, model.lm_head.weight, F.pad(x[:, 2:], (0, 1), value=-100))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        M.update_balancing_bias(model)
+    model.eval()
+    model.bench_batch = batch
+    return model
+
+
+def speculation(reps: int, steps: int) -> dict:
+    model = trained_mtp_model(steps)
+    prompts = model.bench_batch(B=1, T=32).tolist()
+    plain, spec = LLM(model, max_num_seqs=1), LLM(model, max_num_seqs=1, speculative=True)
+    params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    res = {}
+    for name, llm in (("plain", plain), ("speculative", spec)):
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        ts, outs = [], None
+        for _ in range(reps):
+            llm.engine.enable_prefix_caching = False
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params)
+            ts.append(time.perf_counter() - t0)
+        res[name] = {"tokens_per_s": NEW / statistics.median(ts), "tokens": outs[0].outputs[0].token_ids}
+    res["identical_output"] = res["plain"].pop("tokens") == res["speculative"].pop("tokens")
+    res["speedup"] = res["speculative"]["tokens_per_s"] / res["plain"]["tokens_per_s"]
+    res["acceptance_rate"] = spec.stats.acceptance_rate
+    print("speculation", json.dumps(res), flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    reps = 1 if args.quick else 3
+    contexts = [32, 256, 1024, 2048, 4000] if not args.quick else [32, 1024]
+    import transformers
+
+    res = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": 2}
+    res["deepseek_v3"] = decode_table("deepseek_v3", reps, contexts)
+    res["qwen2"] = decode_table("qwen2", reps, [32, 1024] if args.quick else [32, 1024, 4000])
+    res["speculation"] = speculation(reps, 150 if args.quick else 400)
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "generate.json").write_text(json.dumps(res, indent=1) + "\n")
+    print()
+    for kind in ("deepseek_v3", "qwen2"):
+        r = res[kind]
+        for b in (1, 16):
+            x = r[f"batch{b}"]
+            print(f"{kind:12s} batch {b:2d}  transformers {x['transformers_tokens_per_s']:7.0f} tok/s   "
+                  f"r1kit {x['r1kit_tokens_per_s']:7.0f} tok/s   {x['speedup']:.2f}x")
+        ctx = list(r["step_ms_vs_context"])
+        row = "  ".join(f"{c}: {r['step_ms_vs_context'][c]['transformers']:.1f}/{r['step_ms_vs_context'][c]['r1kit']:.1f}"
+                        for c in ctx)
+        print(f"{kind:12s} step ms by context (transformers/r1kit)  {row}")
+        print(f"{kind:12s} KV bytes/token  {r['kv_cache_bytes_per_token']}")
+    s = res["speculation"]
+    print(f"MTP speculation batch 1: {s['speedup']:.2f}x tokens/s, acceptance {s['acceptance_rate']:.0%}, "
+          f"identical output: {s['identical_output']}")
+
+
+if __name__ == "__main__":
+    main()

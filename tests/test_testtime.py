@@ -1,0 +1,58 @@
+"""Test-time compute: voting, best-of-N and the thinking budget."""
+
+import pytest
+import torch
+
+import r1kit.model as M
+from r1kit import config as C
+from r1kit.engine import LLM, SamplingParams
+from r1kit.testtime import best_of_n, extract_answer, generate_with_budget, majority_vote
+from r1kit.tokenizer import END_THINK, train_bpe
+
+
+def test_majority_vote_groups_equal_answers():
+    assert majority_vote(["\\boxed{1/2}", "0.5", "3", "$0.5$", ""]) == ("\\boxed{1/2}", 0.6)
+    assert majority_vote(["", " "]) == (None, 0.0)
+    assert majority_vote(["7", "8"])[0] == "7"  # a tie goes to the earliest
+
+
+def test_best_of_n_picks_the_highest_reward():
+    idx, scores = best_of_n(["a", "bbb", "cc"], reward=len)
+    assert idx == 1 and scores == [1.0, 3.0, 2.0]
+
+
+def test_extract_answer_reads_after_the_reasoning():
+    assert extract_answer(f"carry the one {END_THINK} 42") == "42"
+
+
+@pytest.fixture(scope="module")
+def llm():
+    texts = [f"{a} plus {b} is {a + b}. Wait, check. {END_THINK} done" for a in range(20) for b in range(10)]
+    tok = train_bpe(texts, vocab_size=300)
+    torch.manual_seed(0)
+    model = M.build(C.tiny_dense(vocab_size=tok.vocab_size, hidden_size=64, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=96, eos_token_id=tok.eos_token_id,
+                                 max_position_embeddings=256)).eval()
+    return LLM(model, tokenizer=tok)
+
+
+def test_budget_caps_the_reasoning_and_forces_an_answer(llm):
+    end = llm.tokenizer.token_to_id(END_THINK)
+    with torch.no_grad():  # never choose to stop thinking on its own
+        llm.model.lm_head.weight[end] = -10 * llm.model.lm_head.weight.abs().max()
+    out = generate_with_budget(llm, ["1 plus 2"], SamplingParams(n=3, temperature=1.0, seed=0), budget=12,
+                               answer_tokens=5)
+    assert len(out) == 1 and len(out[0]) == 3
+    for s in out[0]:
+        assert s.reasoning_tokens == 12 and s.budget_hit
+        assert END_THINK in s.text and 0 < s.answer_tokens <= 5
+
+
+def test_budget_forcing_extends_short_reasoning(llm):
+    end = llm.tokenizer.token_to_id(END_THINK)
+    with torch.no_grad():  # close the think block at once, every time
+        llm.model.lm_head.weight[end] = 50 * llm.model.lm_head.weight.abs().max()
+    out = generate_with_budget(llm, ["1 plus 2"], SamplingParams(n=2, temperature=1.0, seed=0), budget=30,
+                               min_thinking=10, max_waits=2, answer_tokens=3)
+    for s in out[0]:
+        assert s.waits == 2 and s.reasoning.count("Wait") == 2 and not s.budget_hit
