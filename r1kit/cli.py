@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -133,6 +134,23 @@ def _serve(args: argparse.Namespace) -> int:
     return serve.main(args)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from r1kit import eval as E
+
+    cfg = E.EvalConfig(tasks=args.task or [E.T.DEFAULT], k=args.k, temperature=args.temperature, top_p=args.top_p,
+                       max_tokens=args.max_tokens, greedy=not args.no_greedy, limit=args.limit, template=args.template,
+                       seed=args.seed, budgets=args.budget or [])
+    names = [Path(m).name or m for m in args.models]
+    if len(set(names)) < len(names):
+        names = list(args.models)
+    results = E.evaluate(dict(zip(names, args.models)), cfg, progress=True)
+    print(E.markdown_table(results, cfg.k))
+    if args.out:
+        E.write(results, cfg, args.out)
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in STAGES:
@@ -197,6 +215,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_serve)
 
+    p = sub.add_parser("eval", help="evaluate checkpoints with the R1 protocol: pass@1 over k samples, cons@k, pass@k")
+    p.add_argument("models", nargs="+", help="checkpoint directories (side by side in one table)")
+    p.add_argument("--task", action="append", help="task spec, repeatable (default: the tiny recipe's task)")
+    p.add_argument("--k", type=int, default=16, help="samples per problem (default: 16)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--limit", type=int, help="only the first N problems of each task")
+    p.add_argument("--template", help="chat template: r1, r1-zero, or the tokenizer's own (default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=int, action="append", help="thinking budget to sweep (repeatable)")
+    p.add_argument("--no-greedy", action="store_true", help="skip the greedy pass")
+    p.add_argument("--out", help="write results JSON here (and a markdown table beside it)")
+    p.set_defaults(func=_eval)
+
     args = parser.parse_args(argv)
     from r1kit.checkpoint import CheckpointError
     from r1kit.config import ConfigError
@@ -204,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, RequestError) as e:
+    except (ConfigError, CheckpointError, RequestError, ValueError) as e:
         print(f"r1kit {args.command}: error: {e}", file=sys.stderr)
         return 2
 
