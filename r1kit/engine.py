@@ -79,7 +79,7 @@ class SamplingParams:
             bad("temperature", "must be a number in [0, 100]")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             bad("top_p", "must be a number in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not isinstance(self.top_k, int) or not -1 <= self.top_k < 2**31:
             bad("top_k", "must be -1 (off) or a positive integer")
         if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
             bad("min_p", "must be a number in [0, 1]")
@@ -313,6 +313,13 @@ class Engine:
         for s in req.seqs:
             if s.finish_reason is None:
                 self._finish(s, "abort")
+        del self.requests[request_id]
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix. Done automatically when a parameter's version counter moves (an in-place
+        update); call it after updates that do not move them (e.g. fused optimizer kernels)."""
+        self.slot_valid = [0] * self.max_num_seqs
+        self._weights_version = self._version()
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -326,8 +333,7 @@ class Engine:
         self.model.eval()
         try:
             if self.enable_prefix_caching and self._version() != self._weights_version:
-                self.slot_valid = [0] * self.max_num_seqs  # weights changed: cached K/V are stale
-                self._weights_version = self._version()
+                self.reset_prefix_cache()  # weights changed: cached K/V are stale
             touched = self._admit()
             decoding = list(self.running)  # every running sequence has a sampled token to feed
             if decoding:
@@ -488,7 +494,7 @@ class Engine:
                 logits[i, list(ban)] = float("-inf")
         temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
         top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
-        top_k = torch.tensor([p.top_k for p in params], device=dev)
+        top_k = torch.tensor([min(p.top_k, logits.shape[1]) for p in params], device=dev)
         min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=torch.float32)
         keys = torch.tensor([s.key for s in seqs], device=dev)
         steps = torch.tensor([len(s.out) for s in seqs], device=dev)
@@ -673,6 +679,9 @@ class LLM:
     @property
     def stats(self) -> EngineStats:
         return self.engine.stats
+
+    def reset_prefix_cache(self) -> None:
+        self.engine.reset_prefix_cache()
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
