@@ -9,9 +9,10 @@ from pathlib import Path
 
 
 def _run(args: argparse.Namespace) -> int:
-    from r1kit import demo
+    from r1kit import pipeline
 
-    demo.run(out_dir=args.out, steps=args.steps, seed=args.seed)
+    recipe = pipeline.load_recipe(args.recipe or pipeline.DEFAULT_RECIPE, args.set, out_root=args.out)
+    pipeline.run(recipe, only=args.only)
     return 0
 
 
@@ -160,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, _, _, description) in STAGES.items():
         sub.add_parser(name, help=description + f" (r1kit {name} --help)", add_help=False)
 
-    p = sub.add_parser("run", help="the main job: train a tiny DeepSeek-V3 end to end and check every fast path")
-    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=400, help="training steps (default: 400)")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("run", help="run a recipe of stages (default: the tiny R1 recipe), resumable, with a report")
+    p.add_argument("recipe", nargs="?", help="a recipe TOML file (default: recipes/tiny.toml)")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override a stage setting, e.g. --set base.max_steps=100 (repeatable)")
+    p.add_argument("--out", default="runs", help="runs directory (default: runs/); outputs go to OUT/<recipe name>/")
+    p.add_argument("--only", action="append", help="run only this stage (and check its inputs are done)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("info", help="parameter counts and KV-cache size of a checkpoint or preset")

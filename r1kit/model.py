@@ -389,7 +389,7 @@ class Experts(nn.Module):
         flat = indices.flatten()  # (N*K,)
         order = flat.argsort(stable=True)
         token = order // K  # token of each sorted pair
-        xs = x[token]  # (N*K, dim), grouped by expert
+        xs = x.index_select(0, token)  # (N*K, dim), grouped by expert; its backward is an index_add
         counts = torch.bincount(flat, minlength=self.n_experts)
         if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
             offsets = counts.cumsum(0).to(torch.int32)

@@ -235,3 +235,12 @@ def test_missing_files_and_unknown_types(tmp_path):
     (tmp_path / "d.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unknown file type"):
         tasks.load(str(tmp_path / "d.csv"))
+
+
+def test_heldout_option_gives_disjoint_train_and_test_specs():
+    base = "addition?digits=2&size=300&seed=5&test_size=40"
+    train, test = tasks.load(base + "&heldout=train"), tasks.load(base + "&heldout=test")
+    assert len(test) == 40 and len(train) == 260
+    assert not {e.key() for e in train} & {e.key() for e in test}
+    with pytest.raises(ValueError, match="heldout must be 'train' or 'test'"):
+        tasks.load("addition?digits=2&size=30&heldout=dev&test_size=3")

@@ -159,8 +159,19 @@ DEFAULT = "addition?digits=3"  # the tiny recipe's task
 
 
 def load(spec: str = DEFAULT) -> Task:
-    """Load a task from its spec string (see the module docstring)."""
+    """Load a task from its spec string (see the module docstring). `heldout=train|test` with `test_size=N`
+    (and optionally `split_seed`) keeps one side of `Task.split`, so a train and a test spec that differ only in
+    `heldout` never share a problem."""
     name, options = parse_spec(spec)
+    side = options.pop("heldout", None)
+    test_size, split_seed = options.pop("test_size", None), options.pop("split_seed", 0)
+    if side is not None:
+        if side not in ("train", "test") or test_size is None:
+            raise ValueError(f"task {spec!r}: heldout must be 'train' or 'test', with test_size=N")
+        base = "&".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in options.items())
+        train, test = load(f"{name}?{base}" if base else name).split(test_size, seed=split_seed)
+        chosen = train if side == "train" else test
+        return replace(chosen, name=spec)
     prefix, sep, rest = name.partition(":")
     if name in BUILTIN:
         from r1kit.tasks import arithmetic

@@ -1,0 +1,79 @@
+"""The recipe runner: every stage kind end to end on a miniature recipe, skip-if-done, reruns, bad recipes."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from r1kit import pipeline
+from r1kit.config import ConfigError
+
+SMOKE = Path(__file__).parent / "data" / "smoke.toml"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    recipe = pipeline.load_recipe(SMOKE, out_root=out)
+    pipeline.run(recipe)
+    return recipe, out / "smoke"
+
+
+def test_recipe_runs_every_stage_and_writes_the_report(smoke_run):
+    recipe, run_dir = smoke_run
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["models"]) == {"base", "r1_zero", "cold_start", "student_distilled", "student_rl"}
+    for m in results["models"].values():
+        for key in ("greedy", "pass@1", "cons@4", "mean_response_tokens"):
+            assert 0 <= m[key] <= (1 if key != "mean_response_tokens" else 12)
+    assert results["r1_zero_curve"] and {"step", "reward", "accuracy", "mean_response_tokens"} <= set(results["r1_zero_curve"][0])
+    assert results["wall_clock_s"] > 0 and len(results["targets"]) == 4
+    report = (run_dir / "report.md").read_text()
+    assert "## Targets" in report and ("NOT MET" in report or "MET" in report)
+    assert (run_dir / "r1_zero_reward.png").exists() and (run_dir / "test_time_scaling.png").exists()
+    data = [json.loads(line) for line in (run_dir / "rejection" / "data.jsonl").read_text().splitlines()]
+    assert sum(1 for d in data if d["messages"][-1]["reasoning_content"] == "") == 10  # the non-reasoning part
+
+
+def test_a_repeated_run_skips_done_stages_and_a_change_reruns_downstream(smoke_run, capsys):
+    recipe, run_dir = smoke_run
+    before = {s.name: json.loads((run_dir / s.name / "stage.json").read_text())["hash"] for s in recipe.stages}
+    pipeline.run(pipeline.load_recipe(SMOKE, out_root=run_dir.parent))
+    out = capsys.readouterr().out
+    assert out.count("skipped") == len(recipe.stages)
+    pipeline.run(pipeline.load_recipe(SMOKE, ["cold_start.max_steps=4"], out_root=run_dir.parent))
+    after = {s.name: json.loads((run_dir / s.name / "stage.json").read_text())["hash"] for s in recipe.stages}
+    changed = {n for n in before if before[n] != after[n]}
+    assert changed == {"cold_start", "rejection", "student_distilled", "student_rl", "eval"}
+
+
+def test_budgeted_stage_stops_at_the_other_stages_wall_clock(smoke_run):
+    _, run_dir = smoke_run
+    rl = json.loads((run_dir / "student_rl" / "stage.json").read_text())
+    assert rl.get("stopped_by_budget_at_step", 50) < 50
+
+
+@pytest.mark.parametrize("text, match", [
+    ('name = "x"\n[[stages]]\nname = "a"\nkind = "train"\n', r"stages\[0\] \(a\): kind='train': must be one of corpus"),
+    ('name = "x"\nstagez = 1\n', r"unknown key 'stagez' \(allowed: name, report, stages\)"),
+    ('[[stages]]\nname = "a"\nkind = "sft"\n', r"name: a recipe needs a name"),
+    ('name = "x"\n[[stages]]\nname = "a"\nkind = "sft"\n[[stages]]\nname = "a"\nkind = "sft"\n', "used twice"),
+    ('name = "x"\n[[stages\n', r"recipe.toml: .*line 2"),
+])
+def test_malformed_recipes_name_the_key(tmp_path, text, match):
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        pipeline.load_recipe(path)
+
+
+def test_overrides_must_name_a_stage(tmp_path):
+    with pytest.raises(ConfigError, match="no stage 'nope'"):
+        pipeline.load_recipe(SMOKE, ["nope.max_steps=3"])
+
+
+def test_default_recipe_parses():
+    recipe = pipeline.load_recipe(pipeline.DEFAULT_RECIPE)
+    kinds = [s.kind for s in recipe.stages]
+    assert kinds.count("grpo") == 4 and kinds[-1] == "eval"

@@ -1,0 +1,121 @@
+"""Tests for r1kit.pretrain: packing, the MTP targets, the balancing bias, and exact resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import r1kit.model as M
+from r1kit import config as C
+from r1kit import train
+from r1kit import tokenizer as T
+from r1kit.pretrain import documents, loss_fn, pack, pretrain, rows_at
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, q_lora_rank=32, kv_lora_rank=16,
+             num_attention_heads=2, n_routed_experts=4, num_hidden_layers=2)
+FLAGS = ["--model_overrides", json.dumps(SMALL), "--data", "addition?digits=3&size=200", "--seq_len", "32",
+         "--vocab_size", "300", "--max_steps", "8", "--save_steps", "3", "--per_device_train_batch_size", "2",
+         "--gradient_accumulation_steps", "2", "--warmup_steps", "2", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tiny models gain nothing from a second thread, and beside other jobs on a 2-core machine OpenMP's
+    waiting threads make them many times slower; no property tested here depends on the thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_packing_keeps_every_token_and_visits_every_row_once_per_epoch():
+    docs = ["12+34=46", "a b c", "What is 7+8?"]
+    tok = T.train_bpe(documents("addition?digits=2&size=50"), vocab_size=300)
+    rows = pack(docs * 5, tok, seq_len=7)  # (N, 8)
+    stream = []
+    for d in docs * 5:
+        stream += [tok.bos_token_id] + tok.encode(d) + [tok.eos_token_id]
+    assert rows.shape[1] == 8 and rows.flatten().tolist() == stream[: rows.numel()]
+    n = rows.shape[0]
+    epoch0, epoch1 = rows_at(rows, 0, n, seed=3), rows_at(rows, n, n, seed=3)
+    key = lambda t: sorted(map(tuple, t.tolist()))  # noqa: E731
+    assert key(epoch0) == key(epoch1) == key(rows)  # each row exactly once per epoch
+    assert torch.equal(rows_at(rows, 2, 5, seed=3), epoch0[2:7])  # any window of the stream is reproducible
+    assert not torch.equal(epoch0, epoch1) or n < 3
+
+
+def test_mtp_loss_predicts_the_token_two_ahead():
+    torch.manual_seed(0)
+    model = M.build(C.tiny(vocab_size=64, num_nextn_predict_layers=1, **SMALL))
+    row = torch.randint(0, 64, (2, 9))  # a packed row: inputs row[:, :-1], targets row[:, 1:]
+    x, y = row[:, :-1], row[:, 1:]
+    n = torch.tensor([2 * 8, 2 * 7], dtype=torch.float32)
+    loss, parts = loss_fn(model, x, y, n, mtp_weight=0.3, accum=1)
+    h = model(x, head=False)
+    mtp = model.mtp_forward(h, x)[0]  # (2, 7, V)
+    by_hand = torch.stack([F.cross_entropy(mtp[:, i], row[:, i + 2]) for i in range(7)]).mean()
+    main = torch.stack([F.cross_entropy(model.lm_head(h)[:, i], row[:, i + 1]) for i in range(8)]).mean()
+    torch.testing.assert_close(parts["mtp_loss"], by_hand)
+    torch.testing.assert_close(parts["loss"], main)
+    torch.testing.assert_close(loss, main + 0.3 * by_hand)
+
+
+def test_balancing_bias_moves_in_steps_of_the_speed(tmp_path):
+    kw = dict(model_overrides=json.dumps(SMALL), data="addition?digits=3&size=200", seq_len=32, vocab_size=300,
+              max_steps=5, per_device_train_batch_size=2, progress=False)
+    out = pretrain(output_dir=str(tmp_path / "a"), bias_update_speed=0.01, **kw)
+    bias = M.load(out["model"]).model.layers[1].mlp.gate.e_score_correction_bias
+    k = bias / 0.01
+    assert bias.abs().sum() > 0 and torch.allclose(k, k.round(), atol=1e-4) and k.abs().max() <= 5
+    assert "max_violation" in train.read_metrics(tmp_path / "a")[0]
+    frozen = pretrain(output_dir=str(tmp_path / "b"), bias_update_speed=0.0, **kw)
+    assert M.load(frozen["model"]).model.layers[1].mlp.gate.e_score_correction_bias.abs().sum() == 0
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import r1kit.train as train
+    log = train.Logger.log
+    def log_then_die(self, step, metrics):
+        log(self, step, metrics)
+        if step == 5:  # two steps after the checkpoint of step 3: its lines must be dropped on resume
+            os.kill(os.getpid(), signal.SIGKILL)
+    train.Logger.log = log_then_die
+    from r1kit.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    cmd = ["pretrain", "--output_dir", str(tmp_path / "run")] + FLAGS
+    proc = subprocess.run([sys.executable, str(killer)] + cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_3"]
+    assert [m["step"] for m in train.read_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]
+    # the same command again continues from step 3
+    proc = subprocess.run([sys.executable, "-m", "r1kit.cli"] + cmd, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # an uninterrupted run, in this process (one thread, as the subprocesses)
+    from r1kit.train import parse_args
+    from r1kit.pretrain import PretrainConfig
+
+    pretrain(parse_args(PretrainConfig, ["--output_dir", str(tmp_path / "ref")] + FLAGS, "t", "t"))
+    resumed, ref = train.read_metrics(tmp_path / "run"), train.read_metrics(tmp_path / "ref")
+    assert [m["step"] for m in resumed] == list(range(1, 9))
+    for a, b in zip(ref, resumed):
+        for k in ("loss", "mtp_loss", "grad_norm", "lr", "max_violation"):
+            assert a[k] == b[k], (a["step"], k, a[k], b[k])  # bit for bit
+    x, y = M.load(tmp_path / "ref" / "model").state_dict(), M.load(tmp_path / "run" / "model").state_dict()
+    assert all(torch.equal(x[k], y[k]) for k in x)
