@@ -227,3 +227,17 @@ def test_linear_cross_entropy_equals_unfused(reduction):
     torch.testing.assert_close(fused, ref)
     torch.testing.assert_close(gh, rh)
     torch.testing.assert_close(gw, rw)
+
+
+def test_padded_experts_equal_looped_with_many_experts():
+    model = M.build(small(n_routed_experts=32, num_experts_per_tok=4))
+    x = torch.randint(0, 128, (4, 32))
+    outs, grads = [], []
+    for impl in ("grouped", "looped"):
+        model.zero_grad()
+        y = model.set_impl(experts=impl)(x)
+        y.square().mean().backward()
+        outs.append(y)
+        grads.append(model.model.layers[1].mlp.experts.gate_up_proj.grad.clone())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
