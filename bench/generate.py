@@ -113,18 +113,16 @@ def decode_table(kind: str, reps: int, contexts: list[int]) -> dict:
 
 
 def trained_mtp_model(steps: int) -> M.Transformer:
-    """A small MLA+MoE+MTP model trained on patterned text, so its MTP head has something to predict."""
+    """A small MLA+MoE+MTP model trained on patterned sequences, so its MTP head has something to predict."""
     torch.manual_seed(0)
     cfg = C.tiny(vocab_size=4096, max_position_embeddings=1024, num_nextn_predict_layers=1)
     model = M.build(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
-    def batch(B=16, T=160):  # sequences of repeated short random motifs: predictable a token or two ahead
-        rows = []
-        for _ in range(B):
-            motif = torch.randint(3, 4096, (int(torch.randint(3, 9, ())),))
-            rows.append(motif.repeat(T // len(motif) + 1)[:T])
-        return torch.stack(rows)
+    def batch(B=16, T=160):  # counting from a random start by a stride of 1, 2 or 3: the next tokens follow
+        start = torch.randint(0, 4093, (B, 1))  # from the last two, so both heads must attend to learn them
+        stride = torch.randint(1, 4, (B, 1))
+        return (start + stride * torch.arange(T)) % 4093 + 3
 
     model.train()
     for _ in range(steps):
@@ -133,7 +131,7 @@ def trained_mtp_model(steps: int) -> M.Transformer:
         tgt = F.pad(x[:, 1:], (0, 1), value=-100)
         loss = M.linear_cross_entropy(h, model.lm_head.weight, tgt)
         mtp = model.mtp_forward(h, x)[0]
-        loss = loss + 0.5 * M.linear_cross_entropy(mtp, model.lm_head.weight, F.pad(x[:, 2:], (0, 1), value=-100))
+        loss = loss + 0.5 * F.cross_entropy(mtp.flatten(0, 1), F.pad(x[:, 2:], (0, 1), value=-100).flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -176,7 +174,7 @@ def main() -> None:
     res = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": 2}
     res["deepseek_v3"] = decode_table("deepseek_v3", reps, contexts)
     res["qwen2"] = decode_table("qwen2", reps, [32, 1024] if args.quick else [32, 1024, 4000])
-    res["speculation"] = speculation(reps, 150 if args.quick else 400)
+    res["speculation"] = speculation(reps, 300 if args.quick else 600)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "generate.json").write_text(json.dumps(res, indent=1) + "\n")
