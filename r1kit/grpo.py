@@ -369,18 +369,12 @@ def grpo(config: GRPOConfig | dict | None = None, *, on_step=None, **overrides) 
     `reward_funcs` may hold Python callables, called as f(completions=[str], completion_ids=[[int]],
     prompts=[messages], answer=[str], examples=[tasks.Example]) -> [float] (TRL's keyword style: take **kwargs).
     `on_step(step, metrics)`: as in `r1kit.pretrain.pretrain` (called once the rollout batch is done)."""
-    cfg = train.make_config(GRPOConfig, config if isinstance(config, GRPOConfig) else None,
-                            **(config if isinstance(config, dict) else {}), **overrides)
-    run = train.start(cfg, "grpo")
-    try:
-        if run.distributed and cfg.parallel == "fsdp":
-            raise ConfigError("parallel='fsdp': grpo generates with full weights on every process; use parallel=ddp")
-        return _grpo(cfg, run, on_step)
-    finally:
-        run.close()
+    return train.run_stage(GRPOConfig, "grpo", _grpo, config, on_step, overrides)
 
 
 def _grpo(cfg: GRPOConfig, run: train.Run, on_step) -> dict:
+    if run.distributed and cfg.parallel == "fsdp":
+        raise ConfigError("parallel='fsdp': grpo generates with full weights on every process; use parallel=ddp")
     from r1kit import tasks
     from r1kit import tokenizer as T
     from r1kit.engine import LLM

@@ -166,13 +166,7 @@ def pretrain(config: PretrainConfig | dict | None = None, *, on_step=None, **ove
     `on_step(step, metrics)` is called on the main process after each step and its checkpoint (if one was due);
     raising from it stops the run, which the same call resumes.
     """
-    cfg = train.make_config(PretrainConfig, config if isinstance(config, PretrainConfig) else None,
-                            **(config if isinstance(config, dict) else {}), **overrides)
-    run = train.start(cfg, "pretrain")
-    try:
-        return _pretrain(cfg, run, on_step)
-    finally:
-        run.close()
+    return train.run_stage(PretrainConfig, "pretrain", _pretrain, config, on_step, overrides)
 
 
 def _pretrain(cfg: PretrainConfig, run: train.Run, on_step) -> dict:

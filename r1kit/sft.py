@@ -143,13 +143,7 @@ def sft(config: SFTConfig | dict | None = None, *, on_step=None, **overrides) ->
     """Fine-tune and return {"model": final model dir, "step": steps done, "loss": last loss}.
 
     `on_step(step, metrics)`: as in `r1kit.pretrain.pretrain`."""
-    cfg = train.make_config(SFTConfig, config if isinstance(config, SFTConfig) else None,
-                            **(config if isinstance(config, dict) else {}), **overrides)
-    run = train.start(cfg, "sft")
-    try:
-        return _sft(cfg, run, on_step)
-    finally:
-        run.close()
+    return train.run_stage(SFTConfig, "sft", _sft, config, on_step, overrides)
 
 
 def _sft(cfg: SFTConfig, run: train.Run, on_step) -> dict:

@@ -305,6 +305,18 @@ class Run:
             dist.destroy_process_group()
 
 
+def run_stage(cls, stage: str, body, config, on_step, overrides: dict) -> dict:
+    """What every stage function does around its loop: resolve the config (an instance of `cls`, a dict, or the
+    defaults, then `overrides`), start the run, call body(cfg, run, on_step), and close the run whatever happens."""
+    cfg = make_config(cls, config if isinstance(config, cls) else None,
+                      **(config if isinstance(config, dict) else {}), **overrides)
+    run = start(cfg, stage)
+    try:
+        return body(cfg, run, on_step)
+    finally:
+        run.close()
+
+
 def start(cfg, stage: str) -> Run:
     """Join torchrun's process group if launched by it (gloo on CPU, nccl on GPU), pick the device, seed every
     process alike (so the initial weights agree), create the run directory and find the checkpoint to resume."""
