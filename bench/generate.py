@@ -87,8 +87,13 @@ def step_time(fn_full, fn_short) -> float:
 
 def decode_table(kind: str, reps: int, contexts: list[int]) -> dict:
     hf, ours = hf_pair(kind)
-    llm = LLM(ours, max_num_seqs=16, max_model_len=max(contexts) + NEW + 8)
-    res = {"kv_cache_bytes_per_token": {"r1kit": llm.engine.cache.bytes_per_token}}
+    eager = LLM(ours, max_num_seqs=16, max_model_len=max(contexts) + NEW + 8)
+    llm = LLM(ours, max_num_seqs=16, max_model_len=max(contexts) + NEW + 8, compile=True)
+    t0 = time.perf_counter()  # compile the decode step once for batch 1 and once for every larger batch
+    for b in (1, 2):
+        llm.generate(torch.randint(3, 4096, (b, 8)).tolist(), SamplingParams(temperature=0, max_tokens=70, ignore_eos=True))
+    res = {"kv_cache_bytes_per_token": {"r1kit": llm.engine.cache.bytes_per_token},
+           "compile_warmup_s": time.perf_counter() - t0}
     cfg = ours.config
     if cfg.is_mla:  # transformers caches the latent too, but expands it through kv_b_proj every step
         res["kv_cache_bytes_per_token"]["transformers"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
@@ -97,8 +102,10 @@ def decode_table(kind: str, reps: int, contexts: list[int]) -> dict:
     for batch in (1, 16):
         th = time_hf(hf, batch, PROMPT, NEW, reps)
         to = time_ours(llm, batch, PROMPT, NEW, reps)
+        te = time_ours(eager, batch, PROMPT, NEW, reps)
         res[f"batch{batch}"] = {"transformers_tokens_per_s": batch * NEW / th, "r1kit_tokens_per_s": batch * NEW / to,
-                                "speedup": th / to}
+                                "speedup": th / to, "r1kit_eager_tokens_per_s": batch * NEW / te,
+                                "eager_speedup": th / te}
         print(kind, f"batch {batch}", json.dumps(res[f"batch{batch}"]), flush=True)
     res["step_ms_vs_context"] = {}
     for ctx in contexts:
@@ -112,17 +119,17 @@ def decode_table(kind: str, reps: int, contexts: list[int]) -> dict:
     return res
 
 
-def trained_mtp_model(steps: int) -> M.Transformer:
+def trained_mtp_model(steps: int, layers: int = 4) -> M.Transformer:
     """A small MLA+MoE+MTP model trained on patterned sequences, so its MTP head has something to predict."""
     torch.manual_seed(0)
-    cfg = C.tiny(vocab_size=4096, max_position_embeddings=1024, num_nextn_predict_layers=1)
+    cfg = C.tiny(vocab_size=4096, max_position_embeddings=1024, num_nextn_predict_layers=1, num_hidden_layers=layers)
     model = M.build(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
-    def batch(B=16, T=160):  # counting from a random start by a stride of 1, 2 or 3: the next tokens follow
-        start = torch.randint(0, 4093, (B, 1))  # from the last two, so both heads must attend to learn them
+    def batch(B=16, T=160):  # counting modulo 251 from a random start by a stride of 1, 2 or 3: the next tokens
+        start = torch.randint(0, 251, (B, 1))  # follow from the last two, so both heads must attend to learn them
         stride = torch.randint(1, 4, (B, 1))
-        return (start + stride * torch.arange(T)) % 4093 + 3
+        return (start + stride * torch.arange(T)) % 251 + 3
 
     model.train()
     for _ in range(steps):
@@ -141,8 +148,8 @@ def trained_mtp_model(steps: int) -> M.Transformer:
     return model
 
 
-def speculation(reps: int, steps: int) -> dict:
-    model = trained_mtp_model(steps)
+def speculation(reps: int, steps: int, layers: int = 4) -> dict:
+    model = trained_mtp_model(steps, layers)
     prompts = model.bench_batch(B=1, T=32).tolist()
     plain, spec = LLM(model, max_num_seqs=1), LLM(model, max_num_seqs=1, speculative=True)
     params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
@@ -159,6 +166,7 @@ def speculation(reps: int, steps: int) -> dict:
     res["identical_output"] = res["plain"].pop("tokens") == res["speculative"].pop("tokens")
     res["speedup"] = res["speculative"]["tokens_per_s"] / res["plain"]["tokens_per_s"]
     res["acceptance_rate"] = spec.stats.acceptance_rate
+    res["layers"] = layers
     print("speculation", json.dumps(res), flush=True)
     return res
 
@@ -184,7 +192,9 @@ def main() -> None:
         for b in (1, 16):
             x = r[f"batch{b}"]
             print(f"{kind:12s} batch {b:2d}  transformers {x['transformers_tokens_per_s']:7.0f} tok/s   "
-                  f"r1kit {x['r1kit_tokens_per_s']:7.0f} tok/s   {x['speedup']:.2f}x")
+                  f"r1kit {x['r1kit_tokens_per_s']:7.0f} tok/s   {x['speedup']:.2f}x   "
+                  f"(eager {x['r1kit_eager_tokens_per_s']:.0f} tok/s, {x['eager_speedup']:.2f}x)")
+        print(f"{kind:12s} compile warm-up {r['compile_warmup_s']:.0f} s")
         ctx = list(r["step_ms_vs_context"])
         row = "  ".join(f"{c}: {r['step_ms_vs_context'][c]['transformers']:.1f}/{r['step_ms_vs_context'][c]['r1kit']:.1f}"
                         for c in ctx)

@@ -241,11 +241,18 @@ class Engine:
                  dtype: torch.dtype | None = None, enable_prefix_caching: bool = True, speculative: bool = False,
                  eos_token_ids: Iterable[int] | None = None, compile: bool = False):
         self.model, self.tokenizer = model, tokenizer
-        # The one-token decode step is hundreds of small ops; compiled, they fuse (measured: bench/generate.py).
-        # Prefill and verification keep the eager path, which is also the reference for the compiled one.
-        self._decode_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
-        cfg = model.config
         self.device = next(model.parameters()).device
+        # The one-token decode step is hundreds of small ops; compiled, they fuse into one graph (measured:
+        # bench/generate.py). Shapes are symbolic, so a changing batch or context is not a new compile (batch 1
+        # is one graph, every larger batch another). Guards on module attributes are skipped: checking them costs
+        # as much as a layer per step, and nothing here changes a module's code path after construction.
+        # Prefill and verification keep the eager path, which is also the reference for the compiled one.
+        self._decode_forward = torch.compile(
+            model.forward, dynamic=True,
+            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                     "cpp_wrapper": self.device.type == "cpu"},  # the graph's glue in C++, not Python
+        ) if compile else model.forward
+        cfg = model.config
         self.max_num_seqs = max_num_seqs
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         if speculative and not len(model.mtp):
@@ -268,6 +275,7 @@ class Engine:
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
+        self._params = list(model.parameters())
         self._weights_version = self._version()
 
     # -- requests ----------------------------------------------------------------------------------------------
@@ -330,7 +338,8 @@ class Engine:
         """Admit and prefill what fits, then decode one token (or verify one draft) for every running sequence.
         Returns the current state of every request that changed this step; finished ones are forgotten."""
         was_training = self.model.training
-        self.model.eval()
+        if was_training:  # (a walk over every module: not every step when the caller keeps the model in eval)
+            self.model.eval()
         try:
             if self.enable_prefix_caching and self._version() != self._weights_version:
                 self.reset_prefix_cache()  # weights changed: cached K/V are stale
@@ -344,7 +353,8 @@ class Engine:
                 touched.update(s.request for s in decoding)
             self.stats.steps += 1
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train()
         outputs = []
         for req in touched:
             out = req.output()
@@ -360,7 +370,7 @@ class Engine:
         return min(self.max_model_len, -(-n // 64) * 64)
 
     def _version(self) -> int:
-        return sum(p._version for p in self.model.parameters())
+        return sum(p._version for p in self._params)
 
     # -- admission and prefill ---------------------------------------------------------------------------------
     def _admit(self) -> set[_Request]:
@@ -414,8 +424,8 @@ class Engine:
             live = [(s, r) for s, r in zip(seqs, rows) if s.finish_reason is None]
             if live:
                 last_h = hidden[torch.arange(B), last.to(self.device)]
-                self._mtp_draft([s for s, _ in live], last_h[torch.tensor([r for _, r in live])],
-                                [s.pending for s, _ in live], [s.pos - 1 for s, _ in live])
+                self._mtp_draft([s for s, _ in live], last_h[torch.tensor([r for _, r in live])].unsqueeze(1),
+                                [[s.pending] for s, _ in live], [[s.pos - 1] for s, _ in live])
         return set(admitted)
 
     def _place(self, req: _Request) -> None:
@@ -585,13 +595,14 @@ class Engine:
         slots = torch.tensor([r.seqs[0].slot for r in admitted], device=self.device)
         self._mtp(hidden, ids.to(self.device), positions.to(self.device), slots, self._kv_len(int(positions.max()) + 1))
 
-    def _mtp_draft(self, seqs: list[_Seq], h: Tensor, tokens: list[int], positions: list[int]) -> None:
-        """One MTP position per sequence (h (B, dim), its next token, its position) -> each sequence's draft."""
+    def _mtp_draft(self, seqs: list[_Seq], h: Tensor, tokens: list[list[int]], positions: list[list[int]]) -> None:
+        """MTP over each sequence's newest positions (h (B, T, dim), the token after each, the positions); the
+        output at the last one is the sequence's draft."""
         dev = self.device
-        out = self._mtp(h.unsqueeze(1), torch.tensor(tokens, device=dev).unsqueeze(1),
-                        torch.tensor(positions, device=dev).unsqueeze(1),
-                        torch.tensor([s.slot for s in seqs], device=dev), self._kv_len(max(positions) + 1))
-        drafts = self._sample(seqs, self.model.lm_head(out[:, 0]).float()).tolist()
+        out = self._mtp(h, torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
+                        torch.tensor([s.slot for s in seqs], device=dev),
+                        self._kv_len(max(p[-1] for p in positions) + 1))
+        drafts = self._sample(seqs, self.model.lm_head(out[:, -1]).float()).tolist()
         for s, d in zip(seqs, drafts):
             s.draft = d
 
@@ -620,7 +631,6 @@ class Engine:
         accepted = [f == s.draft for f, s in zip(firsts, seqs)]
         self.stats.draft_tokens += B
         self.stats.accepted_tokens += sum(accepted)
-        mtp_h, mtp_tok, mtp_pos = [], [], []
         for i, s in enumerate(seqs):
             self.slot_tokens[s.slot, s.pos] = s.pending
             s.pos += 1
@@ -630,20 +640,21 @@ class Engine:
                 s.pos += 1
                 self._accept_one(s, seconds[i], logits[i, 1])
             self.slot_valid[s.slot] = s.pos
-            # MTP catches up: positions old pos (and old pos + 1 when accepted), each with its next token
-            mtp_h.append(hidden[i, 1] if accepted[i] else hidden[i, 0])
-            mtp_tok.append(s.pending)
-            mtp_pos.append(s.pos - 1)
-        rows = [i for i, a in enumerate(accepted) if a and seqs[i].finish_reason is None]
-        if rows:  # accepted rows first write MTP position old pos, with token old pos + 1
-            sub = [seqs[i] for i in rows]
-            self._mtp(hidden[rows, 0].unsqueeze(1), torch.tensor([[firsts[i]] for i in rows], device=dev),
-                      torch.tensor([[seqs[i].pos - 2] for i in rows], device=dev),
-                      torch.tensor([s.slot for s in sub], device=dev), self._kv_len(max(s.pos for s in sub) - 1))
         live = [i for i, s in enumerate(seqs) if s.finish_reason is None]
-        if live:
-            self._mtp_draft([seqs[i] for i in live], torch.stack([mtp_h[i] for i in live]),
-                            [mtp_tok[i] for i in live], [mtp_pos[i] for i in live])
+        if not live:
+            return
+        # MTP catches up in one call. A row whose draft was accepted feeds two positions: old pos (h with the
+        # accepted draft) and old pos + 1 (h with the new pending token); any other row feeds old pos alone,
+        # repeated to the same width (the same latent written twice to the same cache row).
+        width = 2 if any(accepted[i] for i in live) else 1
+        h, toks, pos = [], [], []
+        for i in live:
+            s = seqs[i]
+            if accepted[i]:
+                h.append(hidden[i]); toks.append([firsts[i], s.pending]); pos.append([s.pos - 2, s.pos - 1])
+            else:
+                h.append(hidden[i, :1].expand(width, -1)); toks.append([s.pending] * width); pos.append([s.pos - 1] * width)
+        self._mtp_draft([seqs[i] for i in live], torch.stack(h), toks, pos)
 
     def _accept_one(self, s: _Seq, tok: int, logits: Tensor) -> None:
         lp = top = None
@@ -697,6 +708,8 @@ class LLM:
                for i, (p, sp) in enumerate(zip(prompts, plist))]
         done: dict[str, RequestOutput] = {}
         progress = None
+        was_training = engine.model.training
+        engine.model.eval()  # once for the whole call, not per step
         if use_tqdm:
             from rich.progress import Progress
 
@@ -715,6 +728,7 @@ class LLM:
                 engine.abort(rid)
             raise
         finally:
+            engine.model.train(was_training)
             if progress:
                 progress.stop()
         return [done[r] for r in ids]

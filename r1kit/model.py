@@ -355,6 +355,26 @@ class Gate(nn.Module):
         return (weights * self.routed_scaling_factor).to(x.dtype), indices, scores
 
 
+@torch.library.custom_op("r1kit::grouped_mm", mutates_args=())
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """Rows of x grouped by expert (group e ends at offsets[e]) times w[e]: (N, d) x (E, d, n) -> (N, n).
+
+    One matmul per non-empty group. An opaque op to torch.compile, so the graph around it keeps static shapes
+    (the group sizes are only read here); `torch._grouped_mm` on CPU also visits every empty group."""
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(x[start:end], w[e], out=out[start:end])
+            start = end
+    return out
+
+
+@grouped_mm.register_fake
+def _(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
 class Experts(nn.Module):
     """Routed experts stacked as (E, 2I, dim) gate+up and (E, dim, I) down, for grouped compute."""
 
@@ -369,19 +389,31 @@ class Experts(nn.Module):
     def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         if self.impl == "looped":
             return self.looped(x, weights, indices)
-        if indices.numel() <= 4 and not torch.is_grad_enabled():  # decoding one or two tokens: gather weights
-            return self.gathered(x, weights, indices)
+        if not torch.is_grad_enabled() and x.device.type == "cpu":
+            return self.inference(x, weights, indices)
         return self.grouped(x, weights, indices)
 
-    def gathered(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
-        """Fetch each (token, expert) pair's weights and run them as one batched matmul: fewest ops for a few
-        tokens, where grouping would launch a matmul per expert."""
+    def inference(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        """No-grad CPU path: one grouped matmul per projection over (token, expert) pairs sorted by expert.
+        Every shape is static (no host sync), so a compiled decode step is a single graph."""
         N, K = indices.shape
+        E, I = self.n_experts, self.inter
+        if 2 * N * K >= E and N * E * 3 * I * x.shape[1] <= 2**26:
+            # A small batch that reaches most experts anyway (a decode step): run every expert on every token as two
+            # large matmuls, with the unpicked experts weighted 0, instead of two small matmuls per expert.
+            h = F.linear(x, self.gate_up_proj.view(E * 2 * I, -1)).view(N, E, 2 * I)
+            gates = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter_(1, indices, weights.to(x.dtype))
+            h = F.silu(h[..., :I]) * h[..., I:] * gates.unsqueeze(-1)
+            return torch.bmm(h.transpose(0, 1), self.down_proj.transpose(1, 2)).sum(0)
         flat = indices.flatten()
-        h = torch.bmm(self.gate_up_proj[flat], x.repeat_interleave(K, dim=0).unsqueeze(-1)).squeeze(-1)  # (N*K, 2I)
-        h = F.silu(h[:, : self.inter]) * h[:, self.inter :]
-        y = torch.bmm(self.down_proj[flat], h.unsqueeze(-1)).squeeze(-1)  # (N*K, dim)
-        return (y.view(N, K, -1) * weights.unsqueeze(-1)).sum(dim=1)
+        order = flat.argsort(stable=True)
+        token = order // K
+        experts = torch.arange(E, device=x.device)
+        offsets = torch.searchsorted(flat[order], experts, right=True).to(torch.int32)  # end of each group
+        h = grouped_mm(x.index_select(0, token), self.gate_up_proj.transpose(-2, -1), offsets)  # (N*K, 2I)
+        h = F.silu(h[:, :I]) * h[:, I:]
+        ys = grouped_mm(h, self.down_proj.transpose(-2, -1), offsets) * weights.flatten()[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))
 
     def grouped(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         """Sort (token, expert) pairs by expert and run each expert once on its contiguous block of tokens."""

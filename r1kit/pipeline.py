@@ -169,9 +169,10 @@ def _model_of(ref: str, outputs: dict[str, dict]) -> str:
 def _corpus(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
     """Generate the training texts: a pretraining corpus and the cold-start conversations, from tasks.
 
-    Settings: `pretrain_tasks` (specs whose problems appear with their answers), `trace_tasks` (specs whose
-    problems appear with step-by-step reasoning), `cold_start` (spec for the cold-start SFT conversations),
-    `template` (how documents are written: "r1-zero", the paper's plain-text format).
+    Settings: `answer_tasks` (specs whose problems appear with their answers alone), `trace_tasks` (specs whose
+    problems appear with step-by-step reasoning), `trace_fraction` (of the trace tasks' problems, the share
+    written with a trace; default 1), `cold_start` (spec for the cold-start SFT conversations). Documents are
+    written in the R1-Zero template, the paper's plain-text format.
     """
     from r1kit import tasks
     from r1kit.tokenizer import R1_ZERO_TEMPLATE, render_template
@@ -186,9 +187,14 @@ def _corpus(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
     for spec in s.get("answer_tasks", []):
         for ex in tasks.load(spec):  # the answer alone: what a base model knows without thinking
             docs.append(render(ex.chat() + [{"role": "assistant", "content": ex.answer, "reasoning_content": ""}]))
+    fraction = float(s.get("trace_fraction", 1.0))
+    if not 0 <= fraction <= 1:
+        raise ConfigError(f"stage {stage.name!r}: trace_fraction must be within [0, 1], got {fraction}")
     for spec in s.get("trace_tasks", []):
         task = tasks.load(spec)
         for ex in task:  # worked solutions: thinking the model can learn, and use when it chooses to
+            if rng.random() >= fraction:
+                continue
             trace = task.trace(ex)
             if trace:
                 docs.append(render(ex.chat() + [{"role": "assistant", "content": ex.answer, "reasoning_content": trace}]))

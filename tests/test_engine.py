@@ -59,6 +59,16 @@ def test_greedy_equals_uncached_argmax(which, mla, dense):
         assert o.outputs[0].finish_reason == "length" and o.prompt_token_ids == p
 
 
+def test_compiled_decode_step_equals_eager(mla):
+    # One compiled graph serves every batch size above 1 and every context length (symbolic shapes): a request
+    # leaves early (max_tokens), so the batch shrinks from 3 to 2, while the context grows past one 64-key block.
+    prompts = PROMPTS[:3]
+    params = [SamplingParams(temperature=t, max_tokens=n, seed=1, ignore_eos=True) for t, n in ((0, 70), (0.9, 70), (0, 9))]
+    eager = LLM(mla, max_num_seqs=3).generate(prompts, params)
+    compiled = LLM(mla, max_num_seqs=3, compile=True).generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in compiled] == [o.outputs[0].token_ids for o in eager]
+
+
 def test_continuous_batching_matches_running_alone(mla):
     params = [SamplingParams(temperature=0.8, max_tokens=12, seed=i, ignore_eos=True) for i in range(4)]
     alone = [LLM(mla).generate([p], sp)[0].outputs[0].token_ids for p, sp in zip(PROMPTS, params)]

@@ -101,6 +101,17 @@ def test_grouped_experts_equal_looped(kw):
             torch.testing.assert_close(g1[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 64, 3000])  # grouped matmuls (1, 3000), every expert on every token
+def test_inference_experts_equal_looped(tokens):
+    experts = M.build(small()).model.layers[1].mlp.experts
+    x = torch.randn(tokens, experts.gate_up_proj.shape[-1])
+    gate = torch.randn(tokens, experts.n_experts)
+    weights, indices = gate.softmax(-1).topk(2, dim=-1)
+    with torch.no_grad():
+        fast = experts(x, weights, indices)
+        torch.testing.assert_close(fast, experts.looped(x, weights, indices), rtol=1e-5, atol=1e-5)
+
+
 def test_router_bias_steers_selection_but_not_weights():
     gate = M.build(small()).model.layers[1].mlp.gate
     x = torch.randn(64, 64)

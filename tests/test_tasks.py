@@ -244,3 +244,14 @@ def test_heldout_option_gives_disjoint_train_and_test_specs():
     assert not {e.key() for e in train} & {e.key() for e in test}
     with pytest.raises(ValueError, match="heldout must be 'train' or 'test'"):
         tasks.load("addition?digits=2&size=30&heldout=dev&test_size=3")
+
+
+def test_system_option_asks_every_problem_under_that_prompt():
+    spec = "addition?digits=2&size=40&seed=3&heldout=test&test_size=10"
+    plain = tasks.load(spec)
+    sys = tasks.load(spec + "&system=Think%2C then answer: a%3Db.")  # commas and "=" kept as text
+    assert [e.prompt for e in sys] == [e.prompt for e in plain]  # the same held-out problems
+    for e in sys:
+        assert e.chat() == [{"role": "system", "content": "Think, then answer: a=b."},
+                            {"role": "user", "content": e.prompt}]
+        assert sys.trace(e) == plain.trace(next(p for p in plain if p.prompt == e.prompt))

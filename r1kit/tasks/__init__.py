@@ -12,7 +12,8 @@ solutions: the cold-start SFT data of the tiny recipe (R1 §2.3.1).
     train, test = task.split(test_size=200)                      # by content: no prompt on both sides
 
 Options after "?" are typed (ints, floats, true/false, comma lists) and go to the loader; `size` and `seed` are
-understood by all. User data errors raise `DataError`, naming the file, the line and the field. See
+understood by all, and so are `heldout=train|test&test_size=N` (one side of a split) and `system=TEXT` (every
+problem asked under that system prompt; percent-encode "&" and "=" in it). User data errors raise `DataError`, naming the file, the line and the field. See
 docs/DATA.md for the file layouts.
 """
 
@@ -132,7 +133,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = part.partition("=")
         if not eq:
             raise ValueError(f"task spec {spec!r}: option {part!r} needs a value (key=value)")
-        options[unquote(key.strip())] = _typed(unquote(value))
+        key = unquote(key.strip())
+        options[key] = unquote(value) if key == "system" else _typed(unquote(value))  # free text, kept whole
     return name.strip(), options
 
 
@@ -152,6 +154,11 @@ def _typed(value: str) -> Any:
     return value
 
 
+def _with_system(example: Example, system: str) -> Example:
+    messages = [m for m in (example.messages or [{"role": "user", "content": example.prompt}]) if m.get("role") != "system"]
+    return replace(example, messages=[{"role": "system", "content": system}, *messages])
+
+
 BUILTIN = ("addition", "arithmetic")
 LAYOUTS = ("gsm8k", "math", "aime")  # file readers for the standard layouts of these benchmarks
 FILE_PREFIXES = ("file", "jsonl", "json", "parquet", "hf", *LAYOUTS)
@@ -163,6 +170,11 @@ def load(spec: str = DEFAULT) -> Task:
     (and optionally `split_seed`) keeps one side of `Task.split`, so a train and a test spec that differ only in
     `heldout` never share a problem."""
     name, options = parse_spec(spec)
+    system = options.pop("system", None)
+    if system is not None:  # every problem asked under this system prompt (splits are by the question alone)
+        rest = "&".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in options.items())
+        task = load(f"{name}?{rest}" if rest else name)
+        return replace(task, name=spec, examples=[_with_system(e, system) for e in task.examples])
     side = options.pop("heldout", None)
     test_size, split_seed = options.pop("test_size", None), options.pop("split_seed", 0)
     if side is not None:
