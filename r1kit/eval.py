@@ -4,7 +4,10 @@ For each problem, k samples at temperature 0.6 and top-p 0.95:
 - pass@1 = the fraction of correct samples, averaged over problems (more stable than one greedy answer);
 - cons@k = the majority vote over the k samples' extracted answers is correct;
 - pass@m for m <= k with the unbiased estimator 1 - C(n-c, m) / C(n, m) (Chen et al. 2021, eq. 1);
-- greedy accuracy (temperature 0), and the mean response length in tokens.
+- greedy accuracy (temperature 0), and the mean response length in tokens;
+- the thinking rate (samples whose reasoning is not empty) and the accuracy of thinking and of direct samples:
+  RL amplifies whichever earns more, so a base whose thoughts are worse than its direct answers will not learn
+  to think.
 Standard errors are over problems. Test-time scaling: cons@m and pass@m for m = 1, 2, 4, ... k from the same
 samples, and accuracy against a thinking budget (see `r1kit.testtime`).
 
@@ -24,6 +27,7 @@ from typing import Any
 from r1kit import tasks as T
 from r1kit.engine import LLM, SamplingParams
 from r1kit.rewards import check_answer
+from r1kit.tokenizer import split_reasoning
 from r1kit.testtime import extract_answer, generate_with_budget, majority_vote
 
 
@@ -40,6 +44,7 @@ class EvalConfig:
     seed: int = 0
     budgets: list[int] = field(default_factory=list)  # thinking budgets to sweep (tokens)
     max_num_seqs: int = 64
+    compile: bool = False  # torch.compile the engine's decode step
 
     def __post_init__(self):
         for name, lo in (("k", 1), ("max_tokens", 1), ("max_num_seqs", 1)):
@@ -85,6 +90,7 @@ def evaluate_task(llm: LLM, task: T.Task, cfg: EvalConfig, progress: bool = Fals
                             seed=cfg.seed)
     outs = llm.generate(prompts, params, use_tqdm=progress)
     per_problem, lengths, scaling = [], [], {}
+    by_mode: dict[bool, list[float]] = {True: [], False: []}  # accuracy of samples that thought / answered directly
     ms = sorted({2**i for i in range(cfg.k.bit_length()) if 2**i <= cfg.k} | {cfg.k})  # 1, 2, 4, ..., k
     cons_m = {m: [] for m in ms}
     pass_m = {m: [] for m in ms}
@@ -92,6 +98,8 @@ def evaluate_task(llm: LLM, task: T.Task, cfg: EvalConfig, progress: bool = Fals
         answers = [extract_answer(o.text, prefilled) for o in out.outputs]
         correct = [check_answer(a, ex) for a in answers]
         c = sum(1 for x in correct if x >= 1.0)
+        for o, x in zip(out.outputs, correct):
+            by_mode[bool(split_reasoning(o.text, prefilled)[0].strip())].append(x)
         per_problem.append(sum(correct) / len(correct))
         lengths.extend(len(o.token_ids) for o in out.outputs)
         for m in ms:
@@ -105,6 +113,10 @@ def evaluate_task(llm: LLM, task: T.Task, cfg: EvalConfig, progress: bool = Fals
     result[f"cons@{cfg.k}_se"] = _se(votes)
     result[f"pass@{cfg.k}"] = sum(pass_m[cfg.k]) / len(examples)
     result["mean_response_tokens"] = sum(lengths) / len(lengths)
+    # Whether the model chose to think, and what it was worth: RL amplifies whichever mode earns more reward.
+    result["thinking_rate"] = len(by_mode[True]) / (len(by_mode[True]) + len(by_mode[False]))
+    for key, mode in (("accuracy_thinking", True), ("accuracy_direct", False)):
+        result[key] = sum(by_mode[mode]) / len(by_mode[mode]) if by_mode[mode] else None
     scaling["samples"] = [{"m": m, "cons": sum(cons_m[m]) / len(examples), "pass": sum(pass_m[m]) / len(examples)}
                           for m in ms]
     if cfg.budgets:
@@ -127,7 +139,7 @@ def evaluate(models: dict[str, Any], cfg: EvalConfig, progress: bool = False) ->
     loaded = [(spec, T.load(spec)) for spec in cfg.tasks]
     results: dict[str, dict[str, dict]] = {}
     for name, model in models.items():
-        llm = model if isinstance(model, LLM) else LLM(model, max_num_seqs=cfg.max_num_seqs)
+        llm = model if isinstance(model, LLM) else LLM(model, max_num_seqs=cfg.max_num_seqs, compile=cfg.compile)
         if llm.tokenizer is None:
             raise ValueError(f"eval: {name}: the checkpoint has no tokenizer.json")
         results[name] = {spec: evaluate_task(llm, task, cfg, progress) for spec, task in loaded}
@@ -135,13 +147,17 @@ def evaluate(models: dict[str, Any], cfg: EvalConfig, progress: bool = False) ->
 
 
 def markdown_table(results: dict[str, dict[str, dict]], k: int) -> str:
-    rows = ["| model | task | problems | greedy | pass@1 | cons@%d | pass@%d | mean tokens |" % (k, k),
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| model | task | problems | greedy | pass@1 | cons@%d | pass@%d | mean tokens | thinks | "
+            "acc. thinking / direct |" % (k, k),
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    pct = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     for name, per_task in results.items():
         for task, r in per_task.items():
             g = f"{r['greedy']:.3f}" if "greedy" in r else "—"
             rows.append(f"| {name} | {task} | {r['problems']} | {g} | {r['pass@1']:.3f} ± {r['pass@1_se']:.3f} | "
-                        f"{r[f'cons@{k}']:.3f} | {r[f'pass@{k}']:.3f} | {r['mean_response_tokens']:.1f} |")
+                        f"{r[f'cons@{k}']:.3f} | {r[f'pass@{k}']:.3f} | {r['mean_response_tokens']:.1f} | "
+                        f"{r.get('thinking_rate', 0):.0%} | {pct(r.get('accuracy_thinking'))} / "
+                        f"{pct(r.get('accuracy_direct'))} |")
     return "\n".join(rows)
 
 

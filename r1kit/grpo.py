@@ -57,6 +57,7 @@ class GRPOConfig(train.TrainConfig):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k
+    compile_decode: bool = False  # torch.compile the engine's decode step (tens of seconds once; see BENCHMARKS.md)
     # the objective
     beta: float = 0.0  # k3 KL coefficient (0: no reference model)
     sync_ref_model: bool = False  # refresh the reference: ref <- α·policy + (1-α)·ref every ref_model_sync_steps
@@ -408,7 +409,7 @@ def _grpo(cfg: GRPOConfig, run: train.Run, on_step) -> dict:
     # version counters the engine watches), and a prefill that never depends on earlier requests keeps a
     # resumed run bit-identical. Each prompt is still prefilled once for its num_generations samples.
     llm = LLM(model, max_num_seqs=max_seqs, max_model_len=longest_prompt + cfg.max_completion_length + 1,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, compile=cfg.compile_decode)
     stop_ids = sorted(set(model.config.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
     named, fns, _ = reward_spec(cfg)
     scorer = None

@@ -591,10 +591,17 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=std)
 
     def context(self, positions: Tensor, dtype: torch.dtype, cache: KVCache | None = None,
-                slots: Tensor | None = None, kv_len: int | None = None) -> Context:
+                slots: Tensor | None = None, kv_len: int | None = None, doc_ids: Tensor | None = None) -> Context:
         freqs = positions.unsqueeze(-1).float() * self.inv_freq  # (B, T, rope_dim/2)
         a = self.rope_attention_factor
         ctx = Context((freqs.cos() * a).to(dtype), (freqs.sin() * a).to(dtype), positions, cache, slots)
+        if cache is None and doc_ids is not None:  # packed documents: causal within each, blind across them
+            T = doc_ids.shape[1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+            visible = (doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(1)) & causal  # (B, T, T)
+            ctx.mask = visible.unsqueeze(1)
+            ctx.bias = torch.zeros(visible.shape, dtype=torch.float32, device=doc_ids.device).masked_fill_(
+                ~visible, float("-inf")).unsqueeze(2)
         if cache is not None:
             ctx.kv_len = kv_len if kv_len is not None else int(positions.max()) + 1
             keys = torch.arange(ctx.kv_len, device=positions.device)
@@ -605,23 +612,26 @@ class Transformer(nn.Module):
         return ctx
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
-                slots: Tensor | None = None, kv_len: int | None = None, head: bool = True) -> Tensor:
+                slots: Tensor | None = None, kv_len: int | None = None, head: bool = True,
+                doc_ids: Tensor | None = None) -> Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or the final normalised hidden states if head=False.
 
-        Without a cache, attention is causal over the input. With one, each row's tokens are written at
+        Without a cache, attention is causal over the input; with `doc_ids` (B, T), also only within each
+        document (packed training rows; pass each document's own `positions`). With one, each row's tokens are written at
         `positions` (default 0..T-1) of its cache slot and attend to every cached key at or before them.
         """
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
-        ctx = self.context(positions, x.dtype, cache, slots, kv_len)
+        ctx = self.context(positions, x.dtype, cache, slots, kv_len, doc_ids)
         for layer in self.model.layers:
             x = layer(x, ctx)
         h = self.model.norm(x)
         return self.lm_head(h) if head else h
 
-    def mtp_forward(self, hidden: Tensor, input_ids: Tensor, positions: Tensor | None = None) -> list[Tensor]:
+    def mtp_forward(self, hidden: Tensor, input_ids: Tensor, positions: Tensor | None = None,
+                    doc_ids: Tensor | None = None) -> list[Tensor]:
         """Training-time MTP: logits of depth k (1..D) at position i predict token i+k+1.
 
         hidden (B, T, dim) is the main model's final normalised hidden state; depth k sees T-k positions.
@@ -636,7 +646,7 @@ class Transformer(nn.Module):
                 break
             emb = self.model.embed_tokens(input_ids[:, k:])  # token i+k joins representation i
             h = h[:, : T - k] if h.shape[1] > T - k else h
-            ctx = self.context(positions[:, : T - k], h.dtype)
+            ctx = self.context(positions[:, : T - k], h.dtype, doc_ids=None if doc_ids is None else doc_ids[:, : T - k])
             h = layer(h, emb, ctx)
             out.append(self.lm_head(layer.shared_head.norm(h)))
         return out

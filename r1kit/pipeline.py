@@ -262,13 +262,13 @@ class _Budget(Exception):
 def _rejection(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
     """Rejection sampling (R1 §2.3.3): sample k answers per training prompt from a model, keep the correct,
     well-formed ones (at most `keep_per_prompt`), add `non_reasoning` examples answered without thinking, and
-    write them as conversations for SFT."""
+    write them as conversations for SFT. `compile = true` compiles the engine's decode step."""
     from r1kit import tasks
     from r1kit.engine import LLM, SamplingParams
     from r1kit.rewards import accuracy_reward, format_reward
 
     s = stage.settings
-    llm = LLM(_model_of(s["model"], outputs), max_num_seqs=s.get("max_num_seqs", 64))
+    llm = LLM(_model_of(s["model"], outputs), max_num_seqs=s.get("max_num_seqs", 64), compile=s.get("compile", False))
     tok = llm.tokenizer
     task = tasks.load(s["task"])
     examples = list(task.examples)[: s.get("prompts", len(task))]

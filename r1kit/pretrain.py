@@ -2,8 +2,10 @@
 auxiliary-loss-free balancing bias (DeepSeek-V3 §2.1.2, §2.2, §4).
 
 - Sequence packing: documents become [BOS] text [EOS], concatenated into one stream and cut into rows of
-  seq_len + 1 tokens; every position is trained (no padding). Attention runs across document boundaries
-  inside a row, as GPT-style packing does; the EOS tells the model where a document ended.
+  seq_len + 1 tokens; every position is trained (no padding). With `document_mask` (the default) each token
+  attends only within its own document and positions restart at every BOS, so a packed document is read as it
+  would be alone (short documents, as in the tiny recipe, otherwise see several unrelated problems before their
+  own); without it, attention runs across documents as GPT-style packing does.
 - Multi-token prediction (V3 §2.2, eq. 25): L = L_main + λ/D · Σ_k L_MTP^k, where depth k predicts the
   token k+1 ahead (V3 used λ = 0.3 for the first 10T tokens, then 0.1).
 - After every optimizer step, each expert's selection bias moves by `bias_update_speed` towards balance
@@ -43,6 +45,7 @@ class PretrainConfig(train.TrainConfig):
     tokenizer: str | None = None  # a tokenizer directory; default: the checkpoint's, else a BPE trained on the data
     vocab_size: int = 1024  # of a tokenizer trained on the data
     seq_len: int = 256  # tokens per packed row
+    document_mask: bool = True  # attend within each packed document only, positions restarting at its BOS
     mtp_weight: float = 0.3  # λ of the MTP loss (0 = off)
     bias_update_speed: float = 1e-3  # γ of the balancing bias update
 
@@ -132,17 +135,28 @@ def model_config(cfg: PretrainConfig, tok) -> ModelConfig:
     return base.replace(**{**fields, **overrides})
 
 
-def loss_fn(model: M.Transformer, x: Tensor, y: Tensor, n_tokens: Tensor, mtp_weight: float, accum: int):
+def document_positions(x: Tensor, bos: int) -> tuple[Tensor, Tensor]:
+    """(doc_ids, positions) of a packed batch x (B, T): a document starts at each BOS; the tokens before a
+    row's first BOS (the tail of a document cut by the row boundary) form document 0 from position 0."""
+    is_bos = x == bos
+    idx = torch.arange(x.shape[1], device=x.device).expand_as(x)
+    start = torch.where(is_bos, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return is_bos.cumsum(dim=1), idx - start
+
+
+def loss_fn(model: M.Transformer, x: Tensor, y: Tensor, n_tokens: Tensor, mtp_weight: float, accum: int,
+            bos: int | None = None):
     """Next-token CE (+ λ · mean MTP CE) summed over this micro-batch and divided by the step's tokens per rank.
 
     x, y (B, T): inputs and targets (-100 = ignored). n_tokens (1 + D,): the step's target counts per rank for the
-    main head and each MTP depth.
+    main head and each MTP depth. With `bos`, attention stays within documents (`document_positions`).
     """
-    h = model(x, head=False)  # (B, T, D)
+    doc_ids, positions = document_positions(x, bos) if bos is not None else (None, None)
+    h = model(x, positions=positions, head=False, doc_ids=doc_ids)  # (B, T, D)
     ce = F.cross_entropy(model.lm_head(h).flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
     loss = ce / n_tokens[0]
     parts = {"loss": loss.detach()}
-    mtp = model.mtp_forward(h, x) if mtp_weight > 0 and len(model.mtp) else []
+    mtp = model.mtp_forward(h, x, positions, doc_ids) if mtp_weight > 0 and len(model.mtp) else []
     if mtp:
         ce_mtp = sum(F.cross_entropy(logits.flatten(0, 1).float(), y[:, k:].flatten(), ignore_index=-100,
                                      reduction="sum") / n_tokens[k]
@@ -198,7 +212,8 @@ def _pretrain(cfg: PretrainConfig, run: train.Run, on_step) -> dict:
     # 2. parallel wrapper, optimizer, schedule, resume
     micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     global_batch = micro * accum * run.world_size
-    module = train.parallelize(train.Objective(model, partial(loss_fn, mtp_weight=cfg.mtp_weight, accum=accum)), run)
+    module = train.parallelize(train.Objective(model, partial(loss_fn, mtp_weight=cfg.mtp_weight, accum=accum,
+                                                                   bos=tok.bos_token_id if cfg.document_mask else None)), run)
     opt = train.build_optimizer(module, cfg)
     sched = train.build_scheduler(opt, cfg)
     state, _ = train.restore(run, module, opt, sched)

@@ -49,14 +49,15 @@ def test_bad_config_names_the_field():
 class ScriptedLLM:
     """Answers from a script instead of a model, to check the metrics' arithmetic exactly."""
 
-    def __init__(self, tok, greedy, samples):
-        self.tokenizer, self.greedy, self.samples = tok, greedy, samples
+    def __init__(self, tok, greedy, samples, raw=False):
+        self.tokenizer, self.greedy, self.samples, self.raw = tok, greedy, samples, raw  # raw: whole completions
 
     def generate(self, prompts, params, use_tqdm=False):
         from r1kit.engine import CompletionOutput, RequestOutput
 
         script = [[g] for g in self.greedy] if params.temperature == 0 else self.samples
-        return [RequestOutput(str(i), p, [], [CompletionOutput(j, f"think </think> \\boxed{{{a}}}", [1] * (j + 1))
+        return [RequestOutput(str(i), p, [], [CompletionOutput(j, a if self.raw else f"think </think> \\boxed{{{a}}}",
+                                                               [1] * (j + 1))
                                                 for j, a in enumerate(script[i])], True)
                 for i, p in enumerate(prompts)]
 
@@ -73,3 +74,16 @@ def test_metrics_arithmetic_on_scripted_answers():
     assert r["mean_response_tokens"] == pytest.approx(2.5)
     first = r["scaling"]["samples"][0]
     assert first["m"] == 1 and first["cons"] == 0.5  # q1's first sample right, q2's wrong
+
+
+def test_thinking_rate_and_accuracy_by_mode():
+    task = T.Task("t", [T.Example("q1", "1"), T.Example("q2", "2")])
+    tok = train_bpe(["q1 q2 1 2"] * 5, vocab_size=280)
+    think, direct = "<think>0+1=1</think> {}", "<think></think> {}"
+    llm = ScriptedLLM(tok, greedy=["1", "2"], samples=[[think.format(1), think.format(1), direct.format(9), direct.format(1)],
+                                                     [think.format(5), direct.format(7), direct.format(7), direct.format(2)]],
+                      raw=True)
+    r = evaluate_task(llm, task, EvalConfig(k=4, template="r1-zero"))
+    assert r["thinking_rate"] == 3 / 8
+    assert r["accuracy_thinking"] == pytest.approx(2 / 3)
+    assert r["accuracy_direct"] == pytest.approx(2 / 5)

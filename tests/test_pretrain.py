@@ -119,3 +119,31 @@ def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path):
             assert a[k] == b[k], (a["step"], k, a[k], b[k])  # bit for bit
     x, y = M.load(tmp_path / "ref" / "model").state_dict(), M.load(tmp_path / "run" / "model").state_dict()
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("preset", ["mla", "dense"])
+def test_document_mask_reads_each_packed_document_as_if_alone(preset):
+    from r1kit.pretrain import document_positions
+
+    torch.manual_seed(0)
+    cfg = C.tiny(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16,
+                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
+                 moe_intermediate_size=16, intermediate_size=32, max_position_embeddings=64) if preset == "mla" else \
+        C.tiny_dense(vocab_size=64, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                     intermediate_size=32, max_position_embeddings=64)
+    model = M.build(cfg).eval()
+    BOS = 1
+    tail, a, b = [7, 8, 9], [BOS, 10, 11, 12, 13], [BOS, 20, 21]  # a row: a cut document's tail, then two whole ones
+    row = torch.tensor([tail + a + b])
+    doc_ids, positions = document_positions(row, BOS)
+    assert doc_ids.tolist() == [[0] * 3 + [1] * 5 + [2] * 3]
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2]]
+    with torch.no_grad():
+        packed = model(row, positions=positions, doc_ids=doc_ids)
+        alone = torch.cat([model(torch.tensor([d])) for d in (tail, a, b)], dim=1)
+        mtp_packed = model.mtp_forward(model(row, positions=positions, doc_ids=doc_ids, head=False), row, positions,
+                                       doc_ids)[0] if len(model.mtp) else None
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    if mtp_packed is not None:  # MTP at the last position of a document sees the next one's BOS: compare inside
+        h = model(torch.tensor([a]), head=False)
+        torch.testing.assert_close(mtp_packed[:, 3:7], model.mtp_forward(h, torch.tensor([a]))[0], rtol=1e-5, atol=1e-5)
