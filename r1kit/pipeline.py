@@ -262,21 +262,24 @@ class _Budget(Exception):
 def _rejection(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
     """Rejection sampling (R1 §2.3.3): sample k answers per training prompt from a model, keep the correct,
     well-formed ones (at most `keep_per_prompt`), add `non_reasoning` examples answered without thinking, and
-    write them as conversations for SFT. `compile = true` compiles the engine's decode step."""
+    write them as conversations for SFT. `chat_template` picks the prompt format (default: the model's own);
+    `compile = true` compiles the engine's decode step."""
     from r1kit import tasks
     from r1kit.engine import LLM, SamplingParams
     from r1kit.rewards import accuracy_reward, format_reward
+    from r1kit.tokenizer import split_reasoning
 
     s = stage.settings
     llm = LLM(_model_of(s["model"], outputs), max_num_seqs=s.get("max_num_seqs", 64), compile=s.get("compile", False))
     tok = llm.tokenizer
     task = tasks.load(s["task"])
     examples = list(task.examples)[: s.get("prompts", len(task))]
-    prompts = [tok.apply_chat_template(e.chat(), add_generation_prompt=True) for e in examples]
+    template = s.get("chat_template")  # r1, r1-zero, or the tokenizer's own
+    prompts = [tok.apply_chat_template(e.chat(), add_generation_prompt=True, chat_template=template) for e in examples]
     outs = llm.generate(prompts, SamplingParams(n=s.get("k", 4), temperature=s.get("temperature", 0.7),
                                                 top_p=s.get("top_p", 0.95), max_tokens=s.get("max_tokens", 256),
                                                 seed=s.get("seed", 0)), use_tqdm=True)
-    prefilled = tok.prefills_think
+    prefilled = bool(prompts) and prompts[0].rstrip().endswith("<think>")
     keep = s.get("keep_per_prompt", 1)
     convs, tried, right = [], 0, 0
     for ex, o in zip(examples, outs):
@@ -287,7 +290,7 @@ def _rejection(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
             if accuracy_reward(c.text, ex, prefilled=prefilled) >= 1 and format_reward(text) >= 1:
                 right += 1
                 if kept < keep:
-                    reasoning, answer = tok.split_reasoning(c.text)
+                    reasoning, answer = split_reasoning(c.text, prefilled)
                     convs.append(ex.chat() + [{"role": "assistant", "reasoning_content": reasoning.strip(),
                                                "content": answer.strip()}])
                     kept += 1

@@ -255,3 +255,19 @@ def test_system_option_asks_every_problem_under_that_prompt():
         assert e.chat() == [{"role": "system", "content": "Think, then answer: a=b."},
                             {"role": "user", "content": e.prompt}]
         assert sys.trace(e) == plain.trace(next(p for p in plain if p.prompt == e.prompt))
+
+
+def test_modular_arithmetic_reduces_every_step():
+    task = tasks.load("arithmetic?terms=3&min_terms=3&modulus=10&size=200&seed=2")
+    assert len(task) == 200
+    for e in task:
+        assert e.prompt.endswith(" modulo 10?") and 0 <= int(e.answer) <= 9
+        lines = task.trace(e).split("\n")
+        assert len(lines) == 2 and lines[-1].endswith(f"={e.answer}")
+        for line in lines:  # every operation's result is one digit, the rest rewritten with it
+            assert 0 <= int(line.split(",")[0].split("=")[1]) <= 9
+    seven = tasks.Example("What is 7*4+7 modulo 10?", "5", meta={"expression": "7*4+7", "modulus": 10})
+    assert task.trace(seven) == "7*4=8, so 8+7\n8+7=5"
+    assert tasks.load("arithmetic?terms=2&min_terms=2&modulus=10&size=300&seed=0").examples  # the 2-number facts
+    with pytest.raises(ValueError, match="modulus"):
+        tasks.load("arithmetic?modulus=1")

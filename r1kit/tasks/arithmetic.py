@@ -60,19 +60,25 @@ def addition_trace(example: Example) -> str:
 
 
 def arithmetic(size: int = 1000, seed: int = 0, terms: int = 4, min_terms: int = 3, digits: int = 1,
-               ops: str = "+-*") -> list[Example]:
-    """`size` distinct expressions of `min_terms`..`terms` numbers of up to `digits` digits joined by `ops`."""
+               ops: str = "+-*", modulus: int | None = None) -> list[Example]:
+    """`size` distinct expressions of `min_terms`..`terms` numbers of up to `digits` digits joined by `ops`.
+    With `modulus`, every operation's result is reduced modulo it ("What is 7+4*5 modulo 10?"): the values stay
+    one digit, so each line of the trace is a lookup in a small table while the whole still needs precedence."""
     if not 2 <= min_terms <= terms or not set(ops) <= set("+-*") or not ops:
         raise ValueError(f"arithmetic needs 2 <= min_terms <= terms and ops from '+-*', got min_terms={min_terms},"
                          f" terms={terms}, ops={ops!r}")
+    if modulus is not None and (not isinstance(modulus, int) or modulus < 2):
+        raise ValueError(f"arithmetic needs an integer modulus >= 2, got {modulus!r}")
     rng = random.Random(seed)
 
     def make():
         n = rng.randint(min_terms, terms)
         numbers = [rng.randint(1, 10**digits - 1) for _ in range(n)]
         expression = str(numbers[0]) + "".join(rng.choice(ops) + str(x) for x in numbers[1:])
-        value = evaluate(expression)
-        return Example(prompt=f"What is {expression}?", answer=_format(value), meta={"expression": expression})
+        value = evaluate(expression, modulus)
+        question = f"{expression} modulo {modulus}" if modulus else expression
+        return Example(prompt=f"What is {question}?", answer=_format(value),
+                       meta={"expression": expression, "modulus": modulus})
 
     return _distinct(make, size)
 
@@ -85,7 +91,7 @@ def arithmetic_trace(example: Example) -> str | None:
     if expression is None:
         return None
     try:
-        steps = trace_steps(expression)
+        steps = trace_steps(expression, example.meta.get("modulus"))
     except (ValueError, ZeroDivisionError):
         return None
     if not steps or steps[-1][1] != example.answer.strip():
@@ -142,7 +148,7 @@ def _render(tokens: list) -> str:
     return "".join(parts)
 
 
-def _step(tokens: list) -> tuple[list, str | None]:
+def _step(tokens: list, modulus: int | None = None) -> tuple[list, str | None]:
     """Do the next operation; returns the new tokens and the "a*b=c" line (None for a bookkeeping rewrite)."""
     # innermost parentheses first
     start, end = 0, len(tokens)
@@ -173,20 +179,22 @@ def _step(tokens: list) -> tuple[list, str | None]:
                 value = {"*": a * b, "/": a / b if b else None, "+": a + b, "-": a - b}[tok]
                 if value is None:
                     raise ZeroDivisionError("division by zero")
+                if modulus:
+                    value %= modulus
                 line = f"{_render([a, tok, b])}={_format(value)}"
                 new = inner[: i - 1] + [value] + inner[i + 2:]
                 return tokens[:start] + new + tokens[end:], line
     raise ValueError("malformed expression")
 
 
-def trace_steps(expression: str) -> list[tuple[str, str]]:
+def trace_steps(expression: str, modulus: int | None = None) -> list[tuple[str, str]]:
     """[(operation line, the expression after it)], the last "expression" being the value."""
     tokens = _tokens(expression)
     steps = []
     for _ in range(4 * len(tokens) + 4):
         if len(tokens) == 1 and isinstance(tokens[0], Fraction):
             return steps
-        tokens, line = _step(tokens)
+        tokens, line = _step(tokens, modulus)
         if line is not None:
             steps.append((line, _render(tokens)))
         elif steps:  # a rewrite after the last line updates what that line says remains
@@ -194,10 +202,10 @@ def trace_steps(expression: str) -> list[tuple[str, str]]:
     raise ValueError(f"cannot evaluate {expression!r}")
 
 
-def evaluate(expression: str) -> Fraction:
+def evaluate(expression: str, modulus: int | None = None) -> Fraction:
     tokens = _tokens(expression)
     while not (len(tokens) == 1 and isinstance(tokens[0], Fraction)):
-        tokens, _ = _step(tokens)
+        tokens, _ = _step(tokens, modulus)
     return tokens[0]
 
 
