@@ -1,7 +1,8 @@
 """The run report: `report.md`, `results.json` and PNG plots under `runs/<name>/`.
 
 `results.json` is for machines as well as people:
-    {"wall_clock_s": ..., "models": {NAME: {"greedy", "pass@1", "cons@16", "mean_response_tokens", ...}},
+    {"wall_clock_s": ..., "models": {NAME: {"greedy", "pass@1", "cons@16", "mean_response_tokens", "thinking_rate",
+                                           "accuracy_thinking", "accuracy_direct", ...}},
      "r1_zero_curve": [{"step", "reward", "accuracy", "mean_response_tokens"}, ...], "targets": {...}, ...}
 with accuracies as fractions in [0, 1]. The report states plainly which of the recipe's targets were met.
 """
@@ -101,7 +102,8 @@ def write(recipe, outputs: dict[str, dict], out_dir: Path, console=None) -> dict
             r = next(iter(per_task.values()))  # the first task is the headline
             models[name] = {"greedy": r.get("greedy"), "pass@1": r["pass@1"], f"cons@{k}": r[f"cons@{k}"],
                             f"pass@{k}": r[f"pass@{k}"], "mean_response_tokens": r["mean_response_tokens"],
-                            "pass@1_se": r["pass@1_se"], "problems": r["problems"]}
+                            "pass@1_se": r["pass@1_se"], "problems": r["problems"],
+                            **{key: r.get(key) for key in ("thinking_rate", "accuracy_thinking", "accuracy_direct")}}
             scaling[name] = r.get("scaling", {})
     grpo_stages = [s.name for s in recipe.stages if s.kind == "grpo" and s.name in outputs]
     curves = {name: rl_curve(out_dir / name) for name in grpo_stages}
@@ -150,12 +152,15 @@ def write(recipe, outputs: dict[str, dict], out_dir: Path, console=None) -> dict
     if models:
         k = next((key.split("@")[1] for key in next(iter(models.values())) if key.startswith("cons@")), "16")
         lines += [f"## Models (held-out problems: {next(iter(models.values()))['problems']})", "",
-                  f"| model | greedy | pass@1 (± se) | cons@{k} | pass@{k} | mean response tokens |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  f"| model | greedy | pass@1 (± se) | cons@{k} | pass@{k} | mean response tokens | thinks | "
+                  "acc. thinking / direct |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
         for name, m in models.items():
-            g = "—" if m["greedy"] is None else f"{m['greedy']:.3f}"
-            lines.append(f"| {name} | {g} | {m['pass@1']:.3f} ± {m['pass@1_se']:.3f} | {m[f'cons@{k}']:.3f} | "
-                         f"{m[f'pass@{k}']:.3f} | {m['mean_response_tokens']:.1f} |")
+            thinks = "—" if m.get("thinking_rate") is None else f"{m['thinking_rate']:.0%}"
+            lines.append(f"| {name} | {fmt(m['greedy'])} | {m['pass@1']:.3f} ± {m['pass@1_se']:.3f} | "
+                         f"{m[f'cons@{k}']:.3f} | {m[f'pass@{k}']:.3f} | {m['mean_response_tokens']:.1f} | {thinks} | "
+                         f"{fmt(m.get('accuracy_thinking'))} / {fmt(m.get('accuracy_direct'))} |")
         lines.append("")
     lines += ["## Targets", ""]
     for key, t in targets.items():
