@@ -171,7 +171,8 @@ def _corpus(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
 
     Settings: `answer_tasks` (specs whose problems appear with their answers alone), `trace_tasks` (specs whose
     problems appear with step-by-step reasoning), `trace_fraction` (of the trace tasks' problems, the share
-    written with a trace; default 1), `cold_start` (spec for the cold-start SFT conversations). Documents are
+    written with a trace; default 1), `cold_start` (spec for the cold-start SFT conversations) and
+    `cold_start_answer` ("plain", the default: the bare answer; "boxed": "\\boxed{answer}"). Documents are
     written in the R1-Zero template, the paper's plain-text format.
     """
     from r1kit import tasks
@@ -207,7 +208,17 @@ def _corpus(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
     convs = []
     if s.get("cold_start"):
         task = tasks.load(s["cold_start"])
-        convs = [m for m in (task.sft_messages(ex) for ex in task) if m]
+        boxed = s.get("cold_start_answer", "plain")
+        if boxed not in ("plain", "boxed"):
+            raise ConfigError(f"stage {stage.name!r}: cold_start_answer={boxed!r}: must be 'plain' or 'boxed'")
+        for ex in task:
+            m = task.sft_messages(ex)
+            if m and boxed == "plain" and not (ex.messages and ex.messages[-1].get("role") == "assistant"):
+                # the bare answer, as the documents give it inside <answer> tags: a "\boxed{}" the base never
+                # wrote took the cold-start model's sampled accuracy from 0.61 to 0.08 (docs/RESULTS.md)
+                m[-1] = {**m[-1], "content": ex.answer}
+            if m:
+                convs.append(m)
     cold = out / "cold_start.jsonl"
     with open(cold.with_suffix(".tmp"), "w") as f:
         for m in convs:

@@ -77,3 +77,18 @@ def test_default_recipe_parses():
     recipe = pipeline.load_recipe(pipeline.DEFAULT_RECIPE)
     kinds = [s.kind for s in recipe.stages]
     assert kinds.count("grpo") == 4 and kinds[-1] == "eval"
+
+
+def test_cold_start_answers_are_bare_unless_boxed_is_asked(tmp_path):
+    def cold(**settings):
+        stage = pipeline.Stage("corpus", "corpus", {"cold_start": "addition?digits=2&size=5&seed=1", **settings})
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        out.mkdir()
+        path = pipeline._corpus(stage, out, {}, None)["cold_start"]
+        return [json.loads(line)["messages"][-1] for line in open(path)]
+
+    plain, boxed = cold(), cold(cold_start_answer="boxed")
+    assert all(m["content"].isdigit() and m["reasoning_content"] for m in plain)
+    assert [m["content"] for m in boxed] == [f"\\boxed{{{m['content']}}}" for m in plain]
+    with pytest.raises(ConfigError, match="cold_start_answer"):
+        cold(cold_start_answer="latex")
