@@ -259,7 +259,9 @@ class Engine:
             raise RequestError("speculative=True needs a model with an MTP module (num_nextn_predict_layers >= 1)",
                                param="speculative")
         self.speculative = speculative
-        self.cache = M.KVCache(cfg, max_num_seqs, self.max_model_len, device=self.device,
+        # One row more than any context: the keys attended over (`_kv_len`) never span the whole buffer, which a
+        # compiled step would otherwise treat as a new shape (a recompile when a sequence reaches the limit).
+        self.cache = M.KVCache(cfg, max_num_seqs, self.max_model_len + 1, device=self.device,
                                dtype=dtype or next(model.parameters()).dtype, with_mtp=speculative)
         eos = list(eos_token_ids) if eos_token_ids is not None else list(cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
