@@ -243,8 +243,8 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         # The one-token decode step is hundreds of small ops; compiled, they fuse into one graph (measured:
-        # bench/generate.py). Shapes are symbolic, so a changing batch or context is not a new compile (batch 1
-        # is one graph, every larger batch another). Guards on module attributes are skipped: checking them costs
+        # bench/generate.py). Shapes are symbolic, so a changing batch or context is rarely a new compile (batch 1,
+        # batches either side of the experts' dense threshold, and contexts past 4,096 keys are separate graphs). Guards on module attributes are skipped: checking them costs
         # as much as a layer per step, and nothing here changes a module's code path after construction.
         # Prefill and verification keep the eager path, which is also the reference for the compiled one.
         self._decode_forward = torch.compile(
