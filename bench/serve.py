@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from r1kit.serve import spawn, tiny_checkpoint  # noqa: E402
+from r1kit.serve import spawn, spawn_command, tiny_checkpoint  # noqa: E402
 
 LEVELS = (1, 4, 16, 64)
 REQUESTS_PER_CLIENT = {1: 8, 4: 4, 16: 2, 64: 2}
@@ -92,29 +92,11 @@ async def level(url: str, model: str, streams: int, per_client: int, max_tokens:
 
 def start_transformers(model_dir: Path, env: dict, batching: bool) -> tuple[subprocess.Popen, str]:
     """`transformers serve DIR` offline (HF_HUB_OFFLINE=1), on CPU, with or without its continuous batching."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     exe = Path(sys.executable).with_name("transformers")
-    log = tempfile.NamedTemporaryFile(prefix="transformers-serve-", suffix=".log", delete=False)
-    proc = subprocess.Popen([str(exe), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-                             "--device", "cpu", "--continuous-batching" if batching else "--no-continuous-batching"],
-                            stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **env, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError(f"transformers serve exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("transformers serve did not come up in 120 s")
+    return spawn_command(lambda port: [str(exe), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+                                       "--device", "cpu",
+                                       "--continuous-batching" if batching else "--no-continuous-batching"],
+                         "transformers serve", {**env, "HF_HUB_OFFLINE": "1"}, timeout_s=120)
 
 
 def run(name: str, proc: subprocess.Popen, url: str, model: str, args) -> dict:

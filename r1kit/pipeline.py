@@ -113,6 +113,15 @@ def stage_hash(stage: Stage, upstream: dict[str, str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _write_jsonl(path: Path, rows) -> Path:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
@@ -200,11 +209,7 @@ def _corpus(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
             if trace:
                 docs.append(render(ex.chat() + [{"role": "assistant", "content": ex.answer, "reasoning_content": trace}]))
     rng.shuffle(docs)
-    corpus = out / "corpus.jsonl"
-    with open(corpus.with_suffix(".tmp"), "w") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}) + "\n")
-    corpus.with_suffix(".tmp").replace(corpus)
+    corpus = _write_jsonl(out / "corpus.jsonl", ({"text": d} for d in docs))
     convs = []
     if s.get("cold_start"):
         task = tasks.load(s["cold_start"])
@@ -219,11 +224,7 @@ def _corpus(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
                 m[-1] = {**m[-1], "content": ex.answer}
             if m:
                 convs.append(m)
-    cold = out / "cold_start.jsonl"
-    with open(cold.with_suffix(".tmp"), "w") as f:
-        for m in convs:
-            f.write(json.dumps({"messages": m}) + "\n")
-    cold.with_suffix(".tmp").replace(cold)
+    cold = _write_jsonl(out / "cold_start.jsonl", ({"messages": m} for m in convs))
     return {"corpus": str(corpus), "cold_start": str(cold), "documents": len(docs), "conversations": len(convs)}
 
 
@@ -309,11 +310,7 @@ def _rejection(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
         for ex in tasks.load(spec):
             convs.append(ex.chat() + [{"role": "assistant", "reasoning_content": "", "content": ex.answer}])
     random.Random(s.get("seed", 0)).shuffle(convs)
-    data = out / "data.jsonl"
-    with open(data.with_suffix(".tmp"), "w") as f:
-        for m in convs:
-            f.write(json.dumps({"messages": m}) + "\n")
-    data.with_suffix(".tmp").replace(data)
+    data = _write_jsonl(out / "data.jsonl", ({"messages": m} for m in convs))
     return {"data": str(data), "samples": tried, "correct_and_well_formed": right, "kept": len(convs)}
 
 

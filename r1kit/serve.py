@@ -879,21 +879,26 @@ def tiny_checkpoint(path: str | os.PathLike, seed: int = 0, **config) -> Path:
 def spawn(model_dir: str | os.PathLike, *flags: str, env: dict | None = None,
           timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
     """Start `r1kit serve` in a child process on a free loopback port; returns it and its base URL once healthy."""
+    return spawn_command(lambda port: [sys.executable, "-m", "r1kit.cli", "serve", str(model_dir), "--port", str(port),
+                                       "--log-level", "warning", *flags], "r1kit serve", env, timeout_s)
+
+
+def spawn_command(argv, name: str, env: dict | None = None, timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """Start any HTTP server `argv(port)` on a free loopback port, output to a log file (`proc.logfile`); returns
+    the process and its base URL once GET /health answers 200, or raises with the log's tail."""
     import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    logfile = tempfile.NamedTemporaryFile(prefix="r1kit-serve-", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-m", "r1kit.cli", "serve", str(model_dir), "--port", str(port),
-                             "--log-level", "warning", *flags], stdout=logfile, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
+    logfile = tempfile.NamedTemporaryFile(prefix=name.replace(" ", "-") + "-", suffix=".log", delete=False)
+    proc = subprocess.Popen(argv(port), stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     proc.logfile = logfile.name
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"r1kit serve exited with {proc.returncode}:\n{Path(logfile.name).read_text()}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{Path(logfile.name).read_text()[-4000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return proc, url
@@ -901,4 +906,4 @@ def spawn(model_dir: str | os.PathLike, *flags: str, env: dict | None = None,
             pass
         time.sleep(0.1)
     proc.kill()
-    raise RuntimeError(f"r1kit serve did not come up in {timeout_s} s:\n{Path(logfile.name).read_text()}")
+    raise RuntimeError(f"{name} did not come up in {timeout_s} s:\n{Path(logfile.name).read_text()[-4000:]}")

@@ -8,36 +8,18 @@ import pytest
 import torch
 
 import r1kit.model as M
-from r1kit import config as C
 from r1kit import rl, train
-from r1kit import tokenizer as T
 from r1kit.config import ConfigError
 from r1kit.grpo import GRPOConfig, MicroBatch, _Stash, grpo, loss_fn
-from r1kit.pretrain import documents
 
-SMALL = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, q_lora_rank=32, kv_lora_rank=16,
-             num_attention_heads=2, n_routed_experts=4, num_hidden_layers=2)
+from common import small_checkpoint
+
 TASK = "addition?digits=2&size=100"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is as fast, and far faster beside other jobs on a 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    tok = T.train_bpe(documents("addition?digits=3&size=300"), vocab_size=300)
-    cfg = C.tiny(vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                 pad_token_id=tok.pad_token_id, max_position_embeddings=256, **SMALL)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("grpo") / "base"
-    M.save(M.build(cfg), path, tokenizer=tok)
-    return path
+    return small_checkpoint(tmp_path_factory.mktemp("grpo") / "base")
 
 
 def digits(completions, **_):

@@ -18,22 +18,12 @@ from r1kit import train
 from r1kit import tokenizer as T
 from r1kit.pretrain import documents, loss_fn, pack, pretrain, rows_at
 
+from common import SMALL
+
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, q_lora_rank=32, kv_lora_rank=16,
-             num_attention_heads=2, n_routed_experts=4, num_hidden_layers=2)
 FLAGS = ["--model_overrides", json.dumps(SMALL), "--data", "addition?digits=3&size=200", "--seq_len", "32",
          "--vocab_size", "300", "--max_steps", "8", "--save_steps", "3", "--per_device_train_batch_size", "2",
          "--gradient_accumulation_steps", "2", "--warmup_steps", "2", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tiny models gain nothing from a second thread, and beside other jobs on a 2-core machine OpenMP's
-    waiting threads make them many times slower; no property tested here depends on the thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_packing_keeps_every_token_and_visits_every_row_once_per_epoch():

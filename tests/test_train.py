@@ -20,21 +20,11 @@ from r1kit.config import ConfigError
 from r1kit.pretrain import PretrainConfig, pretrain
 from r1kit.sft import sft
 
+from common import SMALL
+
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, q_lora_rank=32, kv_lora_rank=16,
-             num_attention_heads=2, n_routed_experts=4, num_hidden_layers=2)
 PT = dict(model_overrides=json.dumps(SMALL), data="addition?digits=3&size=200", seq_len=32, vocab_size=300,
           progress=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tiny models gain nothing from a second thread, and beside other jobs on a 2-core machine OpenMP's
-    waiting threads make them many times slower; no property tested here depends on the thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------------------------------------------
