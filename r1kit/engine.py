@@ -12,7 +12,8 @@ How it works (one `Engine.step()`):
    caching); the rest is prefilled, all admitted prompts in one ragged batch. A request for n samples is
    prefilled once and its cache rows copied to n - 1 more slots (the GRPO fan-out).
 2. one decode step for every running sequence (MLA layers attend in latent space: absorbed attention), or,
-   with `speculative=True` on a model with an MTP module, one verify step of the MTP draft (DeepSeek-V3 §2.2).
+   with `speculative=k` on a model with an MTP module, one verify step of k MTP drafts (DeepSeek-V3 §2.2; True
+   means 1; more than 1 chains the MTP module on its own output).
 3. finished sequences free their slots; their cache rows stay valid for prefix reuse until the slot is taken.
 
 Sampling needs no host synchronisation and no per-request generator: a sample is argmax(logits/T - log E)
@@ -206,8 +207,7 @@ class _Seq:
     text: str = ""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    draft: int | None = None  # MTP's guess for the token after `pending`
-    mtp_pos: int = 0  # positions the MTP module has cached
+    drafts: list[int] = field(default_factory=list)  # MTP's guesses for the tokens after `pending`
 
     @property
     def tokens(self) -> list[int]:
@@ -238,7 +238,7 @@ class Engine:
     """Step-driven scheduler over a preallocated cache. Not thread-safe: `AsyncEngine` drives it from one thread."""
 
     def __init__(self, model: M.Transformer, tokenizer=None, *, max_num_seqs: int = 64, max_model_len: int | None = None,
-                 dtype: torch.dtype | None = None, enable_prefix_caching: bool = True, speculative: bool = False,
+                 dtype: torch.dtype | None = None, enable_prefix_caching: bool = True, speculative: bool | int = False,
                  eos_token_ids: Iterable[int] | None = None, compile: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
@@ -246,19 +246,27 @@ class Engine:
         # bench/generate.py). Shapes are symbolic, so a changing batch or context is rarely a new compile (batch 1,
         # batches either side of the experts' dense threshold, and contexts past 4,096 keys are separate graphs). Guards on module attributes are skipped: checking them costs
         # as much as a layer per step, and nothing here changes a module's code path after construction.
-        # Prefill and verification keep the eager path, which is also the reference for the compiled one.
-        self._decode_forward = torch.compile(
-            model.forward, dynamic=True,
-            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-                     "cpp_wrapper": self.device.type == "cpu"},  # the graph's glue in C++, not Python
-        ) if compile else model.forward
+        # Prefill keeps the eager path, which is also the reference for the compiled one.
+        if compile:  # decode and verify at a few batch and context shapes each: more graphs than dynamo's default 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+
+        def compiled(fn):
+            return torch.compile(fn, dynamic=True, options={
+                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                "cpp_wrapper": self.device.type == "cpu"}) if compile else fn  # the graph's glue in C++, not Python
+
+        # decode (one token a row) and verify (k + 1) share one compiled function; the MTP step is its own
+        self._forward, self._mtp_step = compiled(model.forward), compiled(self._mtp_layer)
         cfg = model.config
         self.max_num_seqs = max_num_seqs
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if isinstance(speculative, float) or not 0 <= int(speculative) <= 16:
+            raise RequestError(f"speculative must be True/False or a number of draft tokens in 0..16, "
+                               f"got {speculative!r}", param="speculative")
         if speculative and not len(model.mtp):
-            raise RequestError("speculative=True needs a model with an MTP module (num_nextn_predict_layers >= 1)",
+            raise RequestError("speculative decoding needs a model with an MTP module (num_nextn_predict_layers >= 1)",
                                param="speculative")
-        self.speculative = speculative
+        self.speculative = int(speculative)  # MTP drafts per verify step; 0 = plain decoding
         # One row more than any context: the keys attended over (`_kv_len`) never span the whole buffer, which a
         # compiled step would otherwise treat as a new shape (a recompile when a sequence reaches the limit).
         self.cache = M.KVCache(cfg, max_num_seqs, self.max_model_len + 1, device=self.device,
@@ -425,9 +433,13 @@ class Engine:
         if self.speculative:  # each sample's first MTP draft: position n-1 joins h_{n-1} with its first token
             live = [(s, r) for s, r in zip(seqs, rows) if s.finish_reason is None]
             if live:
-                last_h = hidden[torch.arange(B), last.to(self.device)]
-                self._mtp_draft([s for s, _ in live], last_h[torch.tensor([r for _, r in live])].unsqueeze(1),
-                                [[s.pending] for s, _ in live], [[s.pos - 1] for s, _ in live])
+                dev = self.device
+                h = h_last[torch.tensor([r for _, r in live], device=dev)].unsqueeze(1)
+                out = self._mtp_layer(h, torch.tensor([[s.pending] for s, _ in live], device=dev),
+                                      torch.tensor([[s.pos - 1] for s, _ in live], device=dev),
+                                      torch.tensor([s.slot for s, _ in live], device=dev),
+                                      self._kv_len(max(s.pos for s, _ in live)))
+                self._draft([s for s, _ in live], out[:, 0])
         return set(admitted)
 
     def _place(self, req: _Request) -> None:
@@ -488,7 +500,7 @@ class Engine:
         tokens = torch.tensor([[s.pending] for s in seqs], device=self.device)
         positions = torch.tensor([[s.pos] for s in seqs], device=self.device)
         slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        hidden = self._decode_forward(tokens, positions=positions, cache=self.cache, slots=slots,
+        hidden = self._forward(tokens, positions=positions, cache=self.cache, slots=slots,
                                       kv_len=self._kv_len(max(s.pos for s in seqs) + 1), head=False)
         logits = self.model.lm_head(hidden[:, -1]).float()
         for s in seqs:
@@ -497,21 +509,25 @@ class Engine:
             self.slot_valid[s.slot] = s.pos
         self._accept(seqs, self._sample(seqs, logits), logits)
 
-    def _sample(self, seqs: list[_Seq], logits: Tensor) -> Tensor:
+    def _sample(self, seqs: list[_Seq], logits: Tensor, offset: int = 0) -> Tensor:
+        """One token per row, for each sequence's output step len(out) + offset (a draft or a verified position
+        ahead of the sequence samples with the noise of the step it stands for)."""
         params = [s.request.params for s in seqs]
         dev = logits.device
         for i, (s, p) in enumerate(zip(seqs, params)):  # min_tokens: no end before it
-            if len(s.out) < p.min_tokens:
+            if len(s.out) + offset < p.min_tokens:
                 ban = (set() if p.ignore_eos else self.eos_token_ids) | set(p.stop_token_ids)
                 logits[i, list(ban)] = float("-inf")
+        if all(p.greedy for p in params):
+            return logits.argmax(dim=-1)
         temperature = torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float32)
         top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float32)
         top_k = torch.tensor([min(p.top_k, logits.shape[1]) for p in params], device=dev)
         min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=torch.float32)
         keys = torch.tensor([s.key for s in seqs], device=dev)
-        steps = torch.tensor([len(s.out) for s in seqs], device=dev)
+        steps = torch.tensor([len(s.out) + offset for s in seqs], device=dev)
         filtering = any(p.top_p < 1 or p.top_k > 0 or p.min_p > 0 for p in params if not p.greedy)
-        return sample(logits, temperature, top_p, top_k, min_p, keys, steps, filtering, all(p.greedy for p in params))
+        return sample(logits, temperature, top_p, top_k, min_p, keys, steps, filtering)
 
     def _accept(self, seqs: list[_Seq], tokens: Tensor, logits: Tensor) -> None:
         """Append each sequence's new token (one host sync for the batch) and apply the stop rules."""
@@ -579,9 +595,10 @@ class Engine:
 
     # -- speculative decoding with the MTP module --------------------------------------------------------------
     # Per running sequence: the main cache holds positions [0, pos); `pending` is token pos; the MTP cache holds
-    # positions [0, pos) too (position i joins h_i with token i+1), and `draft` is MTP's guess for token pos+1,
-    # chosen with the noise the target will use at that step, so it is accepted exactly when the target agrees.
-    def _mtp(self, hidden: Tensor, next_tokens: Tensor, positions: Tensor, slots: Tensor, kv_len: int) -> Tensor:
+    # positions [0, pos) too (position i joins h_i with token i+1), and `drafts[j]` is MTP's guess for token
+    # pos+1+j, chosen with the noise the target will use at that step, so it is accepted exactly when the target
+    # agrees.
+    def _mtp_layer(self, hidden: Tensor, next_tokens: Tensor, positions: Tensor, slots: Tensor, kv_len: int) -> Tensor:
         """MTP depth 1: hidden h_i (B, T, dim) and token i+1 (B, T) -> normalised states predicting token i+2."""
         layer = self.model.mtp[0]
         ctx = self.model.context(positions, hidden.dtype, self.cache, slots, kv_len)
@@ -595,68 +612,86 @@ class Engine:
             nxt = req.prompt_ids[req.seqs[0].pos + 1 :]  # leader.pos is still the cached prefix here
             ids[i, : min(len(nxt), T)] = torch.tensor(nxt[:T], dtype=torch.long)
         slots = torch.tensor([r.seqs[0].slot for r in admitted], device=self.device)
-        self._mtp(hidden, ids.to(self.device), positions.to(self.device), slots, self._kv_len(int(positions.max()) + 1))
+        self._mtp_layer(hidden, ids.to(self.device), positions.to(self.device), slots,
+                        self._kv_len(int(positions.max()) + 1))
 
-    def _mtp_draft(self, seqs: list[_Seq], h: Tensor, tokens: list[list[int]], positions: list[list[int]]) -> None:
-        """MTP over each sequence's newest positions (h (B, T, dim), the token after each, the positions); the
-        output at the last one is the sequence's draft."""
-        dev = self.device
-        out = self._mtp(h, torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
-                        torch.tensor([s.slot for s in seqs], device=dev),
-                        self._kv_len(max(p[-1] for p in positions) + 1))
-        drafts = self._sample(seqs, self.model.lm_head(out[:, -1]).float()).tolist()
-        for s, d in zip(seqs, drafts):
-            s.draft = d
+    def _draft(self, seqs: list[_Seq], state: Tensor) -> None:
+        """Each sequence's drafts from `state` (B, dim), the MTP output at position pos - 1, which predicts the token
+        after `pending`. Further drafts chain the MTP module on its own output: the state stands in for the main
+        model's h at the next position, joined with the draft just made (as vLLM reuses one MTP layer)."""
+        k, dev = self.speculative, self.device
+        fits = [i for i, s in enumerate(seqs) if s.pos + k + 1 < self.max_model_len]  # can verify next step
+        for s in seqs:
+            s.drafts = []
+        if not fits:
+            return
+        seqs = [seqs[i] for i in fits]
+        state = state[torch.tensor(fits, device=dev)]
+        pos = torch.tensor([s.pos - 1 for s in seqs], device=dev)
+        slots = torch.tensor([s.slot for s in seqs], device=dev)
+        kv_len = self._kv_len(max(s.pos for s in seqs) + k)
+        drafts = []
+        for j in range(k):
+            drafts.append(self._sample(seqs, self.model.lm_head(state).float(), offset=j))
+            if j + 1 < k:
+                pos = pos + 1
+                args = (state.unsqueeze(1), drafts[-1].unsqueeze(1), pos.unsqueeze(1))
+                for t in args:
+                    torch._dynamo.mark_static(t, 1)
+                state = self._mtp_step(*args, slots, kv_len)[:, 0]
+        for s, d in zip(seqs, torch.stack(drafts, dim=1).tolist()):
+            s.drafts = d
 
     def _verify(self, seqs: list[_Seq]) -> None:
-        near_end = [s for s in seqs if s.pos + 2 >= self.max_model_len or s.draft is None]
+        k = self.speculative
+        near_end = [s for s in seqs if s.pos + k + 1 >= self.max_model_len or not s.drafts]
         if near_end:
             self._decode(near_end)
         seqs = [s for s in seqs if s not in near_end]
         if not seqs:
             return
-        dev, B = self.device, len(seqs)
-        tokens = torch.tensor([[s.pending, s.draft] for s in seqs], device=dev)
-        positions = torch.tensor([[s.pos, s.pos + 1] for s in seqs], device=dev)
+        dev = self.device
+        start = [s.pos for s in seqs]
+        tokens = torch.tensor([[s.pending, *s.drafts] for s in seqs], device=dev)  # (B, k + 1)
+        positions = torch.tensor(start, device=dev).unsqueeze(1) + torch.arange(k + 1, device=dev)
         slots = torch.tensor([s.slot for s in seqs], device=dev)
-        hidden = self.model(tokens, positions=positions, cache=self.cache, slots=slots,
-                            kv_len=self._kv_len(max(s.pos for s in seqs) + 2), head=False)  # (B, 2, dim)
-        logits = self.model.lm_head(hidden).float()  # (B, 2, V)
-        first = self._sample(seqs, logits[:, 0].clone())
-        # the second token is sampled as if the draft had been accepted (its step is one later)
-        for s in seqs:
-            s.out.append(-1)
-        second = self._sample(seqs, logits[:, 1].clone())
-        for s in seqs:
-            s.out.pop()
-        firsts, seconds = first.tolist(), second.tolist()
-        accepted = [f == s.draft for f, s in zip(firsts, seqs)]
-        self.stats.draft_tokens += B
-        self.stats.accepted_tokens += sum(accepted)
+        kv_len = self._kv_len(max(start) + k + 1)
+        for t in (tokens, positions):  # a static width lets inductor unroll the small matmuls, as it does for 1
+            torch._dynamo.mark_static(t, 1)
+        hidden = self._forward(tokens, positions=positions, cache=self.cache, slots=slots, kv_len=kv_len,
+                               head=False)  # (B, k + 1, dim)
+        logits = self.model.lm_head(hidden).float()  # (B, k + 1, V)
+        # the target's token at each position, sampled as if every draft before it had been accepted
+        target = torch.stack([self._sample(seqs, logits[:, j].clone(), offset=j) for j in range(k + 1)], dim=1)
+        targets = target.tolist()
+        accepted = []
         for i, s in enumerate(seqs):
-            self.slot_tokens[s.slot, s.pos] = s.pending
-            s.pos += 1
-            self._accept_one(s, firsts[i], logits[i, 0])
-            if accepted[i] and s.finish_reason is None:
-                self.slot_tokens[s.slot, s.pos] = firsts[i]
+            n = 0
+            while n < k and targets[i][n] == s.drafts[n]:
+                n += 1
+            accepted.append(n)
+            for j in range(n + 1):
+                if s.finish_reason is not None:
+                    break
+                self.slot_tokens[s.slot, s.pos] = s.pending  # the token whose K/V now sits at row pos
                 s.pos += 1
-                self._accept_one(s, seconds[i], logits[i, 1])
+                self._accept_one(s, targets[i][j], logits[i, j])
             self.slot_valid[s.slot] = s.pos
+        self.stats.draft_tokens += k * len(seqs)
+        self.stats.accepted_tokens += sum(accepted)
         live = [i for i, s in enumerate(seqs) if s.finish_reason is None]
         if not live:
             return
-        # MTP catches up in one call. A row whose draft was accepted feeds two positions: old pos (h with the
-        # accepted draft) and old pos + 1 (h with the new pending token); any other row feeds old pos alone,
-        # repeated to the same width (the same latent written twice to the same cache row).
-        width = 2 if any(accepted[i] for i in live) else 1
-        h, toks, pos = [], [], []
-        for i in live:
-            s = seqs[i]
-            if accepted[i]:
-                h.append(hidden[i]); toks.append([firsts[i], s.pending]); pos.append([s.pos - 2, s.pos - 1])
-            else:
-                h.append(hidden[i, :1].expand(width, -1)); toks.append([s.pending] * width); pos.append([s.pos - 1] * width)
-        self._mtp_draft([seqs[i] for i in live], torch.stack(h), toks, pos)
+        # MTP catches up over all k + 1 verified positions in one call: position p joins h_p with the target's token
+        # p + 1. Past a row's first rejected draft, h and the tokens are meaningless; those outputs are not used
+        # and their cache rows are written again (by the drafting below or the next step) before a query sees them.
+        idx = torch.tensor(live, device=dev)
+        args = (hidden[idx], target[idx], positions[idx])
+        for t in args:
+            torch._dynamo.mark_static(t, 1)
+        out = self._mtp_step(*args, slots[idx], kv_len)  # (live, k + 1, dim)
+        n = torch.tensor([accepted[i] for i in live], device=dev)
+        self._draft([seqs[i] for i in live], out[torch.arange(len(live), device=dev), n])
 
     def _accept_one(self, s: _Seq, tok: int, logits: Tensor) -> None:
         lp = top = None
@@ -677,7 +712,7 @@ class LLM:
 
     def __init__(self, model: str | Path | M.Transformer, tokenizer=None, *, device=None, dtype=None,
                  max_num_seqs: int = 64, max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 speculative: bool = False, compile: bool = False):
+                 speculative: bool | int = False, compile: bool = False):
         if isinstance(model, (str, Path)):
             path = Path(model)
             model = M.load(path, device=device, dtype=dtype)

@@ -398,7 +398,7 @@ class Experts(nn.Module):
         Every shape is static (no host sync), so a compiled decode step is a single graph."""
         N, K = indices.shape
         E, I = self.n_experts, self.inter
-        if 2 * N * K >= E and N * E * 3 * I * x.shape[1] <= 2**26:
+        if N * K >= E and N * E * 3 * I * x.shape[1] <= 2**26:
             # A small batch that reaches most experts anyway (a decode step): run every expert on every token as two
             # large matmuls, with the unpicked experts weighted 0, instead of two small matmuls per expert.
             h = F.linear(x, self.gate_up_proj.view(E * 2 * I, -1)).view(N, E, 2 * I)

@@ -67,6 +67,9 @@ def test_compiled_decode_step_equals_eager(mla):
     eager = LLM(mla, max_num_seqs=3).generate(prompts, params)
     compiled = LLM(mla, max_num_seqs=3, compile=True).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in compiled] == [o.outputs[0].token_ids for o in eager]
+    # the verify step (3 positions) and the MTP steps compile too
+    speculative = LLM(mla, max_num_seqs=3, compile=True, speculative=2).generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in speculative] == [o.outputs[0].token_ids for o in eager]
 
 
 def test_continuous_batching_matches_running_alone(mla):
@@ -182,28 +185,47 @@ def test_prefix_cache_reuses_and_invalidates(mla):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_speculative_decoding_equals_plain(mla, temperature):
+@pytest.mark.parametrize("drafts", [1, 3])
+def test_speculative_decoding_equals_plain(mla, temperature, drafts):
     params = SamplingParams(n=2, temperature=temperature, max_tokens=14, seed=5, ignore_eos=True)
     plain = LLM(mla).generate(PROMPTS, params)
-    spec = LLM(mla, speculative=True)
+    spec = LLM(mla, speculative=drafts)
     fast = spec.generate(PROMPTS, params)
     assert [[o.token_ids for o in r.outputs] for r in plain] == [[o.token_ids for o in r.outputs] for r in fast]
     assert spec.stats.draft_tokens > 0 and 0 <= spec.stats.acceptance_rate <= 1
     assert spec.stats.steps < LLM(mla).engine.stats.steps + 20 * len(PROMPTS)
 
 
-def test_an_always_right_draft_halves_the_steps():
-    """Zeroed output norms make both heads' logits flat, so target and draft both pick token 0: every draft is
-    accepted and each step emits two tokens."""
+def test_speculation_respects_limits_inside_accepted_drafts():
+    """Every draft is accepted (flat logits: token 0, or 1 while min_tokens bans the stop token 0), so max_tokens,
+    min_tokens, a stop token and the context limit all fall in the middle of a verified run of drafts: each must cut it exactly where plain decoding does."""
     model = M.build(mla_config()).eval()
     with torch.no_grad():
         model.model.norm.weight.zero_()
         model.mtp[0].shared_head.norm.weight.zero_()
-    spec = LLM(model, speculative=True)
+    cases = [SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),  # runs into max_model_len
+             SamplingParams(temperature=0, max_tokens=9, min_tokens=6, stop_token_ids=[0]),
+             SamplingParams(temperature=1.0, max_tokens=11, seed=3, ignore_eos=True)]
+    for params in cases:
+        plain = LLM(model, max_model_len=24).generate([[7, 8, 9]], params)[0].outputs[0]
+        spec = LLM(model, max_model_len=24, speculative=3).generate([[7, 8, 9]], params)[0].outputs[0]
+        assert (spec.token_ids, spec.finish_reason) == (plain.token_ids, plain.finish_reason), params
+
+
+@pytest.mark.parametrize("drafts", [1, 3])
+def test_an_always_right_draft_divides_the_steps(drafts):
+    """Zeroed output norms make both heads' logits flat, so target and draft both pick token 0: every draft is
+    accepted and each step emits drafts + 1 tokens."""
+    model = M.build(mla_config()).eval()
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+        model.mtp[0].shared_head.norm.weight.zero_()
+    spec = LLM(model, speculative=drafts)
     out = spec.generate([[7, 8, 9]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].outputs[0]
     assert out.token_ids == [0] * 20
     assert spec.stats.acceptance_rate == 1.0
-    assert spec.stats.steps <= 11  # prefill + 10 verify steps of two tokens, against 20 plain steps
+    assert spec.stats.steps <= 1 + -(-20 // (drafts + 1))  # prefill, then verify steps of drafts + 1 tokens
 
 
 def test_cache_bytes_per_token_formula(mla):
