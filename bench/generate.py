@@ -153,29 +153,28 @@ def trained_mtp_model(steps: int, layers: int = 4) -> M.Transformer:
 
 
 def speculation(reps: int, steps: int, layers: int = 4, drafts=(1, 2, 3)) -> dict:
-    """Compiled plain decoding against compiled speculative decoding with 1..3 chained MTP drafts."""
+    """Compiled plain decoding against compiled speculative decoding with 1..3 chained MTP drafts, timed in
+    interleaved rounds (this shared machine's speed drifts more between minutes than these ratios differ)."""
     model = trained_mtp_model(steps, layers)
     prompts = model.bench_batch(B=1, T=32).tolist()
     params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
-    res, plain_tokens = {"layers": layers, "train_steps": steps}, None
-    for k in (0, *drafts):
-        llm = LLM(model, max_num_seqs=1, speculative=k, compile=True)
+    llms = {k: LLM(model, max_num_seqs=1, speculative=k, compile=True) for k in (0, *drafts)}
+    times, tokens = {k: [] for k in llms}, {}
+    for llm in llms.values():
         llm.engine.enable_prefix_caching = False
-        for _ in range(2):  # compile: prefill, verify and MTP graphs
+        for _ in range(2):  # compile: prefill, decode / verify and MTP graphs
             llm.generate(prompts, params)
         llm.engine.stats = type(llm.engine.stats)()
-        ts = []
-        for _ in range(reps):
+    for _ in range(2 * reps + 1):
+        for k, llm in llms.items():
             t0 = time.perf_counter()
-            outs = llm.generate(prompts, params)
-            ts.append(time.perf_counter() - t0)
-        tokens = outs[0].outputs[0].token_ids
-        if k == 0:
-            plain_tokens, res["plain_tokens_per_s"] = tokens, NEW / statistics.median(ts)
-            continue
-        tps = NEW / statistics.median(ts)
-        res[f"drafts_{k}"] = {"tokens_per_s": tps, "speedup": tps / res["plain_tokens_per_s"],
-                              "acceptance_rate": llm.stats.acceptance_rate, "identical_output": tokens == plain_tokens}
+            tokens[k] = llm.generate(prompts, params)[0].outputs[0].token_ids
+            times[k].append(time.perf_counter() - t0)
+    tps = {k: NEW / statistics.median(ts) for k, ts in times.items()}
+    res = {"layers": layers, "train_steps": steps, "plain_tokens_per_s": tps[0]}
+    for k in drafts:
+        res[f"drafts_{k}"] = {"tokens_per_s": tps[k], "speedup": tps[k] / tps[0],
+                              "acceptance_rate": llms[k].stats.acceptance_rate, "identical_output": tokens[k] == tokens[0]}
         print("speculation", k, json.dumps(res[f"drafts_{k}"]), flush=True)
     best = max(drafts, key=lambda k: res[f"drafts_{k}"]["speedup"])
     res["best_drafts"], res["speedup"] = best, res[f"drafts_{best}"]["speedup"]

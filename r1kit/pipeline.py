@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -153,7 +154,13 @@ def run(recipe: Recipe, *, only: list[str] | None = None, console=None) -> dict[
         if only and stage.name not in only:
             raise ConfigError(f"stage {stage.name!r} is needed but not done; run it too")
         console.rule(f"[bold]{stage.name}[/bold] ({stage.kind})")
+        started = out / "stage.started.json"
+        if out.exists() and (not started.exists() or json.loads(started.read_text()).get("hash") != h):
+            # what is there (checkpoints included) came from other inputs: an interrupted run of the same inputs
+            # resumes, anything else starts over
+            shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        _write_json(started, {"hash": h})
         t0 = time.perf_counter()
         result = STAGES[stage.kind](stage, out, outputs, recipe)
         elapsed = time.perf_counter() - t0

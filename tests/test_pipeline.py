@@ -42,7 +42,9 @@ def test_a_repeated_run_skips_done_stages_and_a_change_reruns_downstream(smoke_r
     pipeline.run(pipeline.load_recipe(SMOKE, out_root=run_dir.parent))
     out = capsys.readouterr().out
     assert out.count("skipped") == len(recipe.stages)
-    pipeline.run(pipeline.load_recipe(SMOKE, ["cold_start.max_steps=4"], out_root=run_dir.parent))
+    pipeline.run(pipeline.load_recipe(SMOKE, ["cold_start.max_steps=2"], out_root=run_dir.parent))
+    steps = [json.loads(line)["step"] for line in (run_dir / "cold_start" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # new inputs start over, not from the old inputs' checkpoints and metrics
     after = {s.name: json.loads((run_dir / s.name / "stage.json").read_text())["hash"] for s in recipe.stages}
     changed = {n for n in before if before[n] != after[n]}
     assert changed == {"cold_start", "rejection", "student_distilled", "student_rl", "eval"}
