@@ -203,6 +203,55 @@ def save_model(model: Transformer, path: str | Path, tokenizer=None, max_shard_b
         raise
 
 
+def export(src: str | Path, dst: str | Path, *, dtype: str | None = None, chat_template: str | None = None,
+           mtp: bool = True) -> dict:
+    """A copy of checkpoint `src` that vLLM, SGLang and transformers load as it is: Hugging Face layout (config.json
+    naming the architecture, safetensors, generation_config.json) and the tokenizer with its chat template.
+
+    `dtype` casts the weights (bfloat16 halves them; the balancing bias stays fp32). `chat_template` makes a named
+    template (r1, r1-zero, or one of the tokenizer's own) the default one, which is what servers apply: an R1-Zero
+    model wants "r1-zero". `mtp=False` drops the MTP modules (servers that do not speculate ignore them anyway).
+    Returns what was written and the commands that serve it.
+    """
+    from r1kit import tokenizer as T
+
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise CheckpointError(f"{dst}: export into a new directory, not over its source")
+    if not (src / "tokenizer.json").exists():
+        raise CheckpointError(f"{src}: no tokenizer.json; servers need the tokenizer beside the weights")
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise CheckpointError(f"dtype={dtype!r}: expected float32, bfloat16 or float16")
+    model = load_model(src, dtype=getattr(torch, dtype) if dtype else None)
+    tok = T.load(src)
+    if chat_template:
+        source = tok.get_chat_template(chat_template)
+        if source == chat_template and "{" not in source:
+            raise CheckpointError(f"chat_template={chat_template!r}: not a template name (r1, r1-zero, or one of "
+                                  f"{src}'s own)")
+        own = tok.chat_template
+        tok.chat_template = {**own, "default": source} if isinstance(own, dict) else source
+    if not mtp and len(model.mtp):
+        model.mtp = type(model.mtp)()
+        model.config = model.config.replace(num_nextn_predict_layers=0)
+    save_model(model, dst, tokenizer=tok)
+    cfg = model.config
+    arch = cfg.to_hf()["architectures"][0]
+    total, active = count_params(cfg)
+    name = dst.name
+    serve = {
+        "vllm": f"vllm serve {dst} --served-model-name {name} --reasoning-parser deepseek_r1"
+                + (f" --speculative-config '{{\"method\": \"deepseek_mtp\", \"num_speculative_tokens\": 1}}'"
+                   if cfg.num_nextn_predict_layers else ""),
+        "sglang": f"python -m sglang.launch_server --model-path {dst} --served-model-name {name} "
+                  f"--reasoning-parser deepseek-r1",
+        "r1kit": f"r1kit serve {dst}",
+    }
+    return {"path": str(dst), "architecture": arch, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "params_total": total, "params_active_per_token": active, "mtp_modules": len(model.mtp),
+            "files": sorted(f.name for f in dst.iterdir()), "serve": serve}
+
+
 def _write_shards(state: dict[str, Tensor], out: Path, max_shard_bytes: int) -> None:
     shards: list[dict[str, Tensor]] = [{}]
     size = 0

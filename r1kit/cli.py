@@ -31,6 +31,42 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from r1kit.checkpoint import export
+
+    dtype = None if args.dtype == "keep" else args.dtype
+    result = export(args.src, args.dst, dtype=dtype, chat_template=args.chat_template, mtp=not args.no_mtp)
+    if args.check:
+        result["check"] = check_with_transformers(args.dst)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def check_with_transformers(path: str) -> dict:
+    """Load an export with transformers (model, tokenizer, chat template) and compare its logits with r1kit's."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("--check needs transformers (pip install transformers)") from None
+    import torch
+
+    import r1kit.model as M
+    from r1kit import tokenizer as T
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path)
+    ours, tok = M.load(path, dtype=torch.float32).eval(), T.load(path)
+    messages = [{"role": "user", "content": "What is 2+3?"}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tok.encode(text)
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        diff = (hf(x).logits - ours(x)).abs().max().item()
+    return {"transformers": transformers.__version__, "max_logit_diff": diff,
+            "same_chat_prompt": hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == text,
+            "same_token_ids": hf_tok(text, add_special_tokens=False)["input_ids"] == ids}
+
+
 def _generate(args: argparse.Namespace) -> int:
     from r1kit import rewards, testtime
     from r1kit.engine import LLM, SamplingParams
@@ -101,6 +137,8 @@ STAGES = {
                  "balancing bias"),
     "sft": ("r1kit.sft", "SFTConfig", "sft", "supervised fine-tuning on conversations (loss on assistant tokens)"),
     "grpo": ("r1kit.grpo", "GRPOConfig", "grpo", "GRPO with verifiable rewards (TRL's option names)"),
+    "distill": ("r1kit.distill", "DistillConfig", "distill", "distillation data from a teacher: an OpenAI-compatible "
+                "endpoint or a checkpoint; rejection by the task's reward; resumable"),
 }
 
 
@@ -173,6 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("target", help="checkpoint directory, config.json, or a preset (tiny, tiny-dense, deepseek-v3, "
                                   "deepseek-v2-lite)")
     p.set_defaults(func=_info)
+
+    p = sub.add_parser("export", help="write a checkpoint that vLLM, SGLang and transformers load as it is")
+    p.add_argument("src", help="checkpoint directory (with tokenizer.json)")
+    p.add_argument("dst", help="new directory to write")
+    p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
+                   help="cast the weights (default: keep the checkpoint's)")
+    p.add_argument("--chat-template", help="make this template the default: r1, r1-zero, or one of the "
+                                           "tokenizer's own (servers apply the default)")
+    p.add_argument("--no-mtp", action="store_true", help="drop the MTP modules")
+    p.add_argument("--check", action="store_true", help="load the export with transformers and compare logits")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("generate", help="sample from a checkpoint: majority vote, best-of-N, thinking budgets")
     p.add_argument("model", help="checkpoint directory (with tokenizer.json)")

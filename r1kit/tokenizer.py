@@ -418,6 +418,13 @@ class Tokenizer:
         source = self.get_chat_template(chat_template)
         variables = self.template_variables()
         text, spans = render_template(source, messages, False, track=True, **variables)
+        for m in messages:
+            reasoning = (m.get("reasoning_content") or "").strip() if m.get("role") == "assistant" else ""
+            if reasoning and reasoning not in text:
+                name = chat_template or "the tokenizer's own"
+                raise ValueError(f"the chat template ({name}) drops the assistant's "
+                                 f"reasoning_content, so the model would never learn to think: train with "
+                                 f"chat_template='r1' (or 'r1-zero', or a template that renders it)")
         if not spans:
             spans = _spans_by_prefix(source, messages, text, variables)
         enc = self.backend.encode(text, add_special_tokens=False)

@@ -214,3 +214,37 @@ def test_count_params_matches_deepseek_reports():
 def test_config_validation_names_the_field(bad, match):
     with pytest.raises(ConfigError, match=match):
         C.tiny(**bad)
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3", "qwen2", "llama"])
+def test_export_loads_in_transformers_with_its_chat_template(tmp_path, kind):
+    """`r1kit export`: what vLLM and SGLang read (config naming the architecture, safetensors, generation config,
+    tokenizer with the chosen default chat template) loads in transformers with the same logits and prompt."""
+    from r1kit import tokenizer as T
+    from r1kit.checkpoint import export
+    from r1kit.cli import check_with_transformers, main
+    from r1kit.pretrain import documents
+
+    tok = T.train_bpe(documents("addition?digits=2&size=100"), vocab_size=300)
+    ids = dict(vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id, max_position_embeddings=128)
+    cfg = C.tiny(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, q_lora_rank=32, kv_lora_rank=16,
+                 num_attention_heads=2, n_routed_experts=4, num_hidden_layers=2, **ids) if kind == "deepseek_v3" \
+        else C.tiny_dense(model_type=kind, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=96, num_hidden_layers=2, **ids)
+    torch.manual_seed(0)
+    M.save(M.build(cfg), tmp_path / "src", tokenizer=tok)
+    out = export(tmp_path / "src", tmp_path / "out", chat_template="r1-zero")
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json"} <= set(out["files"])
+    check = check_with_transformers(out["path"])
+    assert check["max_logit_diff"] < 1e-4 and check["same_chat_prompt"] and check["same_token_ids"]
+    assert T.load(out["path"]).apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True) \
+        == T.load(tmp_path / "src").apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
+                                                        chat_template="r1-zero")
+    small = export(tmp_path / "src", tmp_path / "bf16", dtype="bfloat16", mtp=False)
+    assert small["dtype"] == "bfloat16" and small["mtp_modules"] == 0
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with pytest.raises(CheckpointError, match="not a template name"):
+        export(tmp_path / "src", tmp_path / "x", chat_template="r2")
+    assert main(["export", str(tmp_path / "src"), str(tmp_path / "src")]) == 2  # never over its source

@@ -216,3 +216,13 @@ def test_split_reasoning_never_fails(text, prefilled):
     reasoning, answer = T.split_reasoning(text, prefilled=prefilled)
     assert isinstance(reasoning, str) and isinstance(answer, str)
     assert "</think>" not in answer and "<think>" not in reasoning
+
+
+def test_sft_refuses_a_template_that_drops_the_reasoning(tok):
+    # a Qwen2.5-style template renders `content` only: SFT on teacher traces through it would teach no thinking
+    plain = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "reasoning_content": "two and two", "content": "4"}]
+    with pytest.raises(ValueError, match="drops the assistant's reasoning_content.*chat_template='r1'"):
+        tok.encode_sft(chat, chat_template=plain)
+    ids, mask = tok.encode_sft(chat, chat_template="r1")
+    assert "two and two" in tok.decode([i for i, m in zip(ids, mask) if m])
