@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thinking-budget", type=int, default=0, help="cap the reasoning at this many tokens")
     p.add_argument("--min-thinking", type=int, default=0, help="extend reasoning shorter than this with 'Wait'")
     p.add_argument("--speculative", type=int, nargs="?", const=1, default=0, metavar="K",
-                   help="draft K tokens a step with the model's MTP module (K defaults to 1; 2 is fastest on CPU)")
+                   help="draft K tokens a step with the model's MTP module, chained (K defaults to 1)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_generate)
 
