@@ -52,7 +52,7 @@ class DistillConfig:
     limit: int = 0  # at most this many prompts (0: all)
     temperature: float = 0.6
     top_p: float = 0.95
-    max_tokens: int = 4096  # per answer, reasoning included
+    max_tokens: int = 0  # per answer, reasoning included; 0: as many as the context holds (the server's default)
     chat_template: str = ""  # an r1kit teacher's prompt format (r1, r1-zero; default: its tokenizer's own)
     reject: bool = True  # keep only answers that are correct (the task's reward) after a non-empty reasoning
     concurrency: int = 8  # requests in flight
@@ -72,8 +72,8 @@ class DistillConfig:
         for name in ("limit", "max_retries", "backoff_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 0")
-        if self.max_tokens < 1 or self.timeout_s <= 0:
-            raise ConfigError("max_tokens and timeout_s must be positive")
+        if self.max_tokens < 0 or self.timeout_s <= 0:
+            raise ConfigError("max_tokens must be >= 0 and timeout_s positive")
         if self.teacher_url and not self.teacher_url.startswith(("http://", "https://")):
             raise ConfigError(f"teacher_url={self.teacher_url!r}: expected http://HOST[:PORT]/v1 or https://...")
 
@@ -147,7 +147,7 @@ class EndpointTeacher:
     def ask(self, messages: list[dict], seed: int) -> dict:
         c = self.cfg
         body = {"model": self.model, "messages": messages, "temperature": c.temperature, "top_p": c.top_p,
-                "max_tokens": c.max_tokens, "seed": seed}
+                "seed": seed, **({"max_tokens": c.max_tokens} if c.max_tokens else {})}
         data = self._call("POST", "/chat/completions", body)
         try:
             choice = data["choices"][0]
@@ -216,7 +216,7 @@ class CheckpointTeacher:
         c, tok = self.cfg, self.llm.tokenizer
         prompts = [tok.apply_chat_template(m, add_generation_prompt=True, chat_template=c.chat_template or None)
                    for m, _ in jobs]
-        params = [SamplingParams(temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_tokens, seed=s)
+        params = [SamplingParams(temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_tokens or None, seed=s)
                   for _, s in jobs]
         out = []
         for prompt, r in zip(prompts, self.llm.generate(prompts, params)):
@@ -331,9 +331,11 @@ class _Progress:
     def __init__(self, total: int, enabled: bool):
         self.bar = None
         if enabled and total:
+            from rich.console import Console
             from rich.progress import Progress
 
-            self.bar = Progress(*Progress.get_default_columns(), "{task.fields[info]}", transient=False)
+            self.bar = Progress(*Progress.get_default_columns(), "{task.fields[info]}",
+                                console=Console(stderr=True))  # stdout is for the result
             self.task = self.bar.add_task("distill", total=total, info="")
             self.bar.start()
 

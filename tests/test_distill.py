@@ -131,6 +131,7 @@ def test_retries_then_judges_each_answer(flaky, tmp_path, monkeypatch):
     s = distill(task=str(data), teacher_url=flaky, teacher_model="m", api_key_env="TEACHER_KEY", output=str(out),
                 backoff_s=0.01, progress=False)
     assert len(Flaky.calls) == 6  # per prompt: 503, 429, then the answer
+    assert "max_tokens" not in Flaky.calls[-1]  # by default the server decides: as much as its context holds
     assert (s["kept"], s["rejected"]) == (1, 1)
     kept = rows(out)[0]["messages"][-1]
     assert kept == {"role": "assistant", "reasoning_content": "3 plus 4", "content": "7"}
