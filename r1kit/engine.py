@@ -662,7 +662,8 @@ class Engine:
                                head=False)  # (B, k + 1, dim)
         logits = self.model.lm_head(hidden).float()  # (B, k + 1, V)
         # the target's token at each position, sampled as if every draft before it had been accepted
-        target = torch.stack([self._sample(seqs, logits[:, j].clone(), offset=j) for j in range(k + 1)], dim=1)
+        # (in place, as plain decoding does: a min_tokens ban shows in the logprobs too)
+        target = torch.stack([self._sample(seqs, logits[:, j], offset=j) for j in range(k + 1)], dim=1)
         targets = target.tolist()
         accepted = []
         for i, s in enumerate(seqs):

@@ -187,11 +187,16 @@ def test_prefix_cache_reuses_and_invalidates(mla):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize("drafts", [1, 3])
 def test_speculative_decoding_equals_plain(mla, temperature, drafts):
-    params = SamplingParams(n=2, temperature=temperature, max_tokens=14, seed=5, ignore_eos=True)
+    params = SamplingParams(n=2, temperature=temperature, max_tokens=14, min_tokens=3, stop_token_ids=[5, 9],
+                            seed=5, logprobs=2)
     plain = LLM(mla).generate(PROMPTS, params)
     spec = LLM(mla, speculative=drafts)
     fast = spec.generate(PROMPTS, params)
     assert [[o.token_ids for o in r.outputs] for r in plain] == [[o.token_ids for o in r.outputs] for r in fast]
+    for a, b in zip([o for r in plain for o in r.outputs], [o for r in fast for o in r.outputs]):
+        assert a.finish_reason == b.finish_reason and len(a.logprobs) == len(b.logprobs)
+        for x, y in zip(a.logprobs, b.logprobs):  # the same top tokens, the same values (up to float order)
+            assert x.keys() == y.keys() and list(x.values()) == pytest.approx(list(y.values()), abs=1e-4)
     assert spec.stats.draft_tokens > 0 and 0 <= spec.stats.acceptance_rate <= 1
     assert spec.stats.steps < LLM(mla).engine.stats.steps + 20 * len(PROMPTS)
 
