@@ -218,6 +218,8 @@ def export(src: str | Path, dst: str | Path, *, dtype: str | None = None, chat_t
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise CheckpointError(f"{dst}: export into a new directory, not over its source")
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a directory (expected config.json + *.safetensors + tokenizer.json)")
     if not (src / "tokenizer.json").exists():
         raise CheckpointError(f"{src}: no tokenizer.json; servers need the tokenizer beside the weights")
     if dtype not in (None, "float32", "bfloat16", "float16"):
