@@ -27,7 +27,7 @@ from typing import Any
 
 from r1kit.config import ConfigError
 
-KINDS = ("corpus", "pretrain", "sft", "grpo", "rejection", "eval")
+KINDS = ("corpus", "pretrain", "sft", "grpo", "rejection", "distill", "eval")
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny.toml"
 
 
@@ -95,7 +95,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, out_root: 
         if kind not in KINDS:
             raise ConfigError(f"{where} ({name}): kind={kind!r}: must be one of {', '.join(KINDS)}")
         refs = []
-        for k in ("model", "tokenizer", "data", "models", "wall_clock_s"):
+        for k in ("model", "tokenizer", "data", "models", "wall_clock_s", "teacher"):
             v = st.get(k)
             vals = list(v.values()) if isinstance(v, dict) else v if isinstance(v, list) else [v]
             refs += [x.partition(":")[0].partition("@")[0] for x in vals if isinstance(x, str)]
@@ -321,6 +321,19 @@ def _rejection(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
     return {"data": str(data), "samples": tried, "correct_and_well_formed": right, "kept": len(convs)}
 
 
+def _distill(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
+    """Teacher samples (`r1kit.distill`): `teacher` is an earlier stage or a checkpoint directory, or `teacher_url`
+    an OpenAI-compatible endpoint; every `r1kit distill` option is a setting. Kept samples go to data.jsonl (read
+    it as "STAGE:data"); an interrupted stage asks only for what it does not have yet."""
+    from r1kit.distill import distill
+
+    s = dict(stage.settings)
+    if s.get("teacher"):
+        s["teacher"] = _model_of(s["teacher"], outputs)
+    res = distill({**s, "output": str(out / "data.jsonl")}, progress=True)
+    return {k: res[k] for k in ("asked", "kept", "rejected", "already_done")} | {"data": res["output"]}
+
+
 def _eval(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
     """Every model on the held-out tasks. `models = {name = "stage"}`, or "stage@template" for a model that
     speaks another chat template than its tokenizer's own (R1-Zero models were trained on "r1-zero")."""
@@ -340,4 +353,4 @@ def _eval(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
 
 
 STAGES = {"corpus": _corpus, "pretrain": _train_stage("pretrain"), "sft": _train_stage("sft"),
-          "grpo": _train_stage("grpo"), "rejection": _rejection, "eval": _eval}
+          "grpo": _train_stage("grpo"), "rejection": _rejection, "distill": _distill, "eval": _eval}

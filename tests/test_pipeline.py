@@ -8,6 +8,7 @@ import pytest
 
 from r1kit import pipeline
 from r1kit.config import ConfigError
+from common import small_checkpoint
 
 SMOKE = Path(__file__).parent / "data" / "smoke.toml"
 
@@ -94,3 +95,32 @@ def test_cold_start_answers_are_bare_unless_boxed_is_asked(tmp_path):
     assert [m["content"] for m in boxed] == [f"\\boxed{{{m['content']}}}" for m in plain]
     with pytest.raises(ConfigError, match="cold_start_answer"):
         cold(cold_start_answer="latex")
+
+
+def test_a_distill_stage_feeds_sft(tmp_path):
+    teacher = small_checkpoint(tmp_path / "teacher")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'''name = "d"
+[[stages]]
+name = "samples"
+kind = "distill"
+teacher = "{teacher}"
+task = "addition?digits=1&size=6&seed=2"
+samples = 2
+max_tokens = 8
+reject = false
+[[stages]]
+name = "student"
+kind = "sft"
+model = "{teacher}"
+data = "samples:data"
+max_steps = 2
+per_device_train_batch_size = 4
+progress = false
+''')
+    r = pipeline.load_recipe(recipe, out_root=tmp_path / "runs")
+    pipeline.run(r)
+    done = json.loads((tmp_path / "runs" / "d" / "samples" / "stage.json").read_text())
+    assert (done["asked"], done["kept"]) == (12, 12)
+    assert len((tmp_path / "runs" / "d" / "samples" / "data.jsonl").read_text().splitlines()) == 12
+    assert json.loads((tmp_path / "runs" / "d" / "student" / "stage.json").read_text())["step"] == 2
