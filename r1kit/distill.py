@@ -155,7 +155,8 @@ class EndpointTeacher:
         except (KeyError, IndexError, TypeError):
             raise DistillError(f"{self.url}/chat/completions: not a chat completion: {str(data)[:300]}") from None
         reasoning = msg.get("reasoning_content") or msg.get("reasoning") or ""
-        return {"reasoning": reasoning, "content": msg.get("content") or "", "finish_reason": choice.get("finish_reason"),
+        return {"reasoning": reasoning, "content": msg.get("content") or "",
+                "finish_reason": choice.get("finish_reason"),
                 "completion_tokens": (data.get("usage") or {}).get("completion_tokens")}
 
     def _call(self, method: str, path: str, body: dict | None) -> dict:
@@ -183,9 +184,9 @@ class EndpointTeacher:
             raise _Retryable(f"HTTP {r.status_code}: {r.text[:200]}",
                              float(after) if after and after.replace(".", "", 1).isdigit() else None)
         if r.status_code in (401, 403):
+            state = "set" if os.environ.get(self.cfg.api_key_env) else "unset"
             raise DistillError(f"{self.url}{path}: HTTP {r.status_code}, the endpoint refused the key "
-                               f"(${self.cfg.api_key_env} is {'set' if os.environ.get(self.cfg.api_key_env) else 'unset'}): "
-                               f"{r.text[:300]}")
+                               f"(${self.cfg.api_key_env} is {state}): {r.text[:300]}")
         if r.status_code >= 400:
             raise DistillError(f"{self.url}{path}: HTTP {r.status_code}: {r.text[:500]}")
         try:
@@ -227,7 +228,7 @@ class CheckpointTeacher:
         return out
 
     def close(self) -> None:
-        pass
+        self.llm = None  # the engine's preallocated cache goes with it
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -270,7 +271,7 @@ def distill(config: DistillConfig | dict | None = None, *, progress: bool = True
     examples = list(task)[: cfg.limit or None]
     out, rej = Path(cfg.output), rejected_path(cfg.output)
     done = _done_ids(out) | _done_ids(rej)
-    jobs = [(ex, j, sid) for ex in examples for j in range(cfg.samples) if (sid := sample_id(ex, j)) not in done]
+    jobs = [(ex, sid) for ex in examples for j in range(cfg.samples) if (sid := sample_id(ex, j)) not in done]
     t0 = time.perf_counter()
     stats = {"output": str(out), "rejected_output": str(rej), "prompts": len(examples),
              "already_done": cfg.samples * len(examples) - len(jobs), "asked": 0, "kept": 0, "rejected": 0,
@@ -279,7 +280,7 @@ def distill(config: DistillConfig | dict | None = None, *, progress: bool = True
     kept_f, rej_f = _Appender(out), _Appender(rej)
     bar = _Progress(len(jobs), progress)
 
-    def record(ex, j: int, sid: str, answer: dict) -> None:
+    def record(ex, sid: str, answer: dict) -> None:
         why = judge(answer, ex, cfg.reject)
         row = {"id": sid, "messages": ex.chat() + [{"role": "assistant", "reasoning_content": answer["reasoning"],
                                                     "content": answer["content"]}],
@@ -294,21 +295,22 @@ def distill(config: DistillConfig | dict | None = None, *, progress: bool = True
         stats["completion_tokens"] += answer.get("completion_tokens") or 0
         bar.advance(stats)
 
-    seed = lambda ex, j: (cfg.seed * 1_000_003 + int(sample_id(ex, j)[:8], 16) + j) % 2**31  # noqa: E731
+    seed = lambda sid: (cfg.seed * 1_000_003 + int(sid[:8], 16) + int(sid.rpartition("-")[2])) % 2**31  # noqa: E731
     try:
         if isinstance(teacher, CheckpointTeacher):
             for i in range(0, len(jobs), 64):
                 chunk = jobs[i : i + 64]
-                for (ex, j, sid), answer in zip(chunk, teacher.ask_many([(ex.chat(), seed(ex, j)) for ex, j, _ in chunk])):
-                    record(ex, j, sid, answer)
+                answers = teacher.ask_many([(ex.chat(), seed(sid)) for ex, sid in chunk])
+                for (ex, sid), answer in zip(chunk, answers):
+                    record(ex, sid, answer)
         else:
             with ThreadPoolExecutor(cfg.concurrency) as pool:
                 pending, todo = {}, iter(jobs)
                 try:
                     while True:
                         while len(pending) < cfg.concurrency and (job := next(todo, None)) is not None:
-                            ex, j, sid = job
-                            pending[pool.submit(teacher.ask, ex.chat(), seed(ex, j))] = job
+                            ex, sid = job
+                            pending[pool.submit(teacher.ask, ex.chat(), seed(sid))] = job
                         if not pending:
                             break
                         finished, _ = wait(pending, return_when=FIRST_COMPLETED)

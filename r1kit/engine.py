@@ -244,8 +244,9 @@ class Engine:
         self.device = next(model.parameters()).device
         # The one-token decode step is hundreds of small ops; compiled, they fuse into one graph (measured:
         # bench/generate.py). Shapes are symbolic, so a changing batch or context is rarely a new compile (batch 1,
-        # batches either side of the experts' dense threshold, and contexts past 4,096 keys are separate graphs). Guards on module attributes are skipped: checking them costs
-        # as much as a layer per step, and nothing here changes a module's code path after construction.
+        # batches either side of the experts' dense threshold, and contexts past 4,096 keys are separate graphs).
+        # Guards on module attributes are skipped: checking them costs as much as a layer per step, and nothing
+        # here changes a module's code path after construction.
         # Prefill keeps the eager path, which is also the reference for the compiled one.
         if compile:  # decode and verify at a few batch and context shapes each: more graphs than dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
@@ -257,6 +258,7 @@ class Engine:
 
         # decode (one token a row) and verify (k + 1) share one compiled function; the MTP step is its own
         self._forward, self._mtp_step = compiled(model.forward), compiled(self._mtp_layer)
+        self._compiled = compile
         cfg = model.config
         self.max_num_seqs = max_num_seqs
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -501,7 +503,7 @@ class Engine:
         positions = torch.tensor([[s.pos] for s in seqs], device=self.device)
         slots = torch.tensor([s.slot for s in seqs], device=self.device)
         hidden = self._forward(tokens, positions=positions, cache=self.cache, slots=slots,
-                                      kv_len=self._kv_len(max(s.pos for s in seqs) + 1), head=False)
+                               kv_len=self._kv_len(max(s.pos for s in seqs) + 1), head=False)
         logits = self.model.lm_head(hidden[:, -1]).float()
         for s in seqs:
             self.slot_tokens[s.slot, s.pos] = s.pending
@@ -615,6 +617,14 @@ class Engine:
         self._mtp_layer(hidden, ids.to(self.device), positions.to(self.device), slots,
                         self._kv_len(int(positions.max()) + 1))
 
+    def _static_width(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """For the compiled steps: the positions dimension (1) is static, so inductor unrolls the small matmuls over
+        the k + 1 verified positions as it does for one token (a symbolic width measured 1.7x slower)."""
+        if self._compiled:
+            for t in tensors:
+                torch._dynamo.mark_static(t, 1)
+        return tensors
+
     def _draft(self, seqs: list[_Seq], state: Tensor) -> None:
         """Each sequence's drafts from `state` (B, dim), the MTP output at position pos - 1, which predicts the token
         after `pending`. Further drafts chain the MTP module on its own output: the state stands in for the main
@@ -635,9 +645,7 @@ class Engine:
             drafts.append(self._sample(seqs, self.model.lm_head(state).float(), offset=j))
             if j + 1 < k:
                 pos = pos + 1
-                args = (state.unsqueeze(1), drafts[-1].unsqueeze(1), pos.unsqueeze(1))
-                for t in args:
-                    torch._dynamo.mark_static(t, 1)
+                args = self._static_width(state.unsqueeze(1), drafts[-1].unsqueeze(1), pos.unsqueeze(1))
                 state = self._mtp_step(*args, slots, kv_len)[:, 0]
         for s, d in zip(seqs, torch.stack(drafts, dim=1).tolist()):
             s.drafts = d
@@ -656,8 +664,7 @@ class Engine:
         positions = torch.tensor(start, device=dev).unsqueeze(1) + torch.arange(k + 1, device=dev)
         slots = torch.tensor([s.slot for s in seqs], device=dev)
         kv_len = self._kv_len(max(start) + k + 1)
-        for t in (tokens, positions):  # a static width lets inductor unroll the small matmuls, as it does for 1
-            torch._dynamo.mark_static(t, 1)
+        tokens, positions = self._static_width(tokens, positions)
         hidden = self._forward(tokens, positions=positions, cache=self.cache, slots=slots, kv_len=kv_len,
                                head=False)  # (B, k + 1, dim)
         logits = self.model.lm_head(hidden).float()  # (B, k + 1, V)
@@ -687,9 +694,7 @@ class Engine:
         # p + 1. Past a row's first rejected draft, h and the tokens are meaningless; those outputs are not used
         # and their cache rows are written again (by the drafting below or the next step) before a query sees them.
         idx = torch.tensor(live, device=dev)
-        args = (hidden[idx], target[idx], positions[idx])
-        for t in args:
-            torch._dynamo.mark_static(t, 1)
+        args = self._static_width(hidden[idx], target[idx], positions[idx])
         out = self._mtp_step(*args, slots[idx], kv_len)  # (live, k + 1, dim)
         n = torch.tensor([accepted[i] for i in live], device=dev)
         self._draft([seqs[i] for i in live], out[torch.arange(len(live), device=dev), n])
