@@ -15,20 +15,27 @@ def small(**kw):
     return C.tiny(**{**base, **kw})
 
 
-def test_absorbed_equals_naive_with_and_without_cache():
+@pytest.mark.parametrize("in_place", [False, True])
+def test_absorbed_equals_naive_with_and_without_cache(in_place, monkeypatch):
+    """in_place: the decode steps attend in the cache rows (`latent_attention`) rather than gathered copies."""
+    if in_place:
+        monkeypatch.setattr(M, "LATENT_IN_PLACE", 0)
     model = M.build(small()).eval()
     x = torch.randint(0, 128, (3, 30))
     with torch.no_grad():
         naive = model.set_impl(attention="naive")(x)
         absorbed = model.set_impl(attention="absorbed")(x)
         torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5)
-        # decode token by token through the latent cache with each path
+        # decode through the latent cache with each path, one token a step, then three (a verify step)
         for impl in ("naive", "absorbed"):
             model.set_impl(attention=impl)
             cache = M.KVCache(model.config, 3, 64)
             steps = [model(x[:, :10], cache=cache)]
-            for t in range(10, 30):
+            for t in range(10, 20):
                 steps.append(model(x[:, t : t + 1], positions=torch.full((3, 1), t), cache=cache))
+            for t in range(20, 30, 3):
+                w = min(3, 30 - t)
+                steps.append(model(x[:, t : t + w], positions=torch.arange(t, t + w).expand(3, w), cache=cache))
             torch.testing.assert_close(torch.cat(steps, dim=1), naive, rtol=1e-5, atol=1e-5)
 
 
@@ -40,8 +47,11 @@ def test_auto_picks_absorbed_for_decode_and_naive_for_prefill():
     assert not attn.use_absorbed(T=1000, S=1000)
 
 
-def test_cache_rows_are_independent_of_batch_neighbours():
+@pytest.mark.parametrize("in_place", [False, True])
+def test_cache_rows_are_independent_of_batch_neighbours(in_place, monkeypatch):
     """Ragged rows (each its own length and slot) give the same logits as each row run alone."""
+    if in_place:
+        monkeypatch.setattr(M, "LATENT_IN_PLACE", 0)
     model = M.build(small()).eval()
     seqs = [torch.randint(0, 128, (n,)) for n in (5, 12, 9)]
     cache = M.KVCache(model.config, 4, 32)
