@@ -250,6 +250,9 @@ class Engine:
         # Prefill keeps the eager path, which is also the reference for the compiled one.
         if compile:  # decode and verify at a few batch and context shapes each: more graphs than dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+            # Module floats (norm eps, softmax scale, routing scale) as constants, not symbolic inputs that every call
+            # re-checks: the guards and the glue before the graph took 120 of a 1,550 us step, now 60.
+            torch._dynamo.config.specialize_float = True
 
         def compiled(fn):
             return torch.compile(fn, dynamic=True, options={

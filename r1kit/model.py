@@ -449,10 +449,12 @@ class Experts(nn.Module):
         Every shape is static (no host sync), so a compiled decode step is a single graph."""
         N, K = indices.shape
         E, I = self.n_experts, self.inter
-        if N * K < E and torch.compiler.is_compiling():
-            # A decode or verify step, compiled: each (token, expert) pair as a product-and-sum over its expert's
-            # weights, which inductor fuses into one pass over the picked weights with no copy and no host sync
-            # (0.23 -> 0.06 ms a layer at batch 1). Eager, the same code would build the whole product in memory.
+        if torch.compiler.is_compiling() and N * K <= 8 * E:
+            # A compiled decode or verify step: each (token, expert) pair as a product-and-sum over its expert's
+            # weights, which inductor fuses into one pass over the picked weights with no copy and no host sync.
+            # Measured per MoE layer (16 experts, top-2): 0.23 -> 0.06 ms for 1 token, 0.73 -> 0.19 ms for 16, 1.3
+            # -> 1.1 ms for 128; grouped matmuls win from about 16 pairs an expert. Eager, the same code would build
+            # the whole product in memory.
             flat = indices.flatten()
             xs = x.repeat_interleave(K, dim=0)  # (N*K, dim): pair p is token p // K
             h = (xs.unsqueeze(1) * self.gate_up_proj[flat]).sum(-1)  # (N*K, 2I)
