@@ -122,6 +122,16 @@ def test_inference_experts_equal_looped(tokens):
         torch.testing.assert_close(fast, experts.looped(x, weights, indices), rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_inference_experts_equal_looped():
+    """A compiled decode step runs few (token, expert) pairs as fused product-sums over the picked weights."""
+    experts = M.build(small()).model.layers[1].mlp.experts
+    x = torch.randn(3, experts.gate_up_proj.shape[-1])
+    weights, indices = torch.randn(3, experts.n_experts).softmax(-1).topk(2, dim=-1)
+    with torch.no_grad():
+        fast = torch.compile(experts.inference, dynamic=False)(x, weights, indices)
+        torch.testing.assert_close(fast, experts.looped(x, weights, indices), rtol=1e-5, atol=1e-5)
+
+
 def test_router_bias_steers_selection_but_not_weights():
     gate = M.build(small()).model.layers[1].mlp.gate
     x = torch.randn(64, 64)
