@@ -259,7 +259,7 @@ class Engine:
                 "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
                 "cpp_wrapper": self.device.type == "cpu"}) if compile else fn  # the graph's glue in C++, not Python
 
-        # decode (one token a row) and verify (k + 1) share one compiled function; the MTP step is its own
+        # decode (one token a row) and verify (k + 1) share one compiled function; MTP and its drafts are another
         self._forward, self._drafts = compiled(model.forward), compiled(self._draft_chain)
         self._compiled = compile
         cfg = model.config
@@ -670,7 +670,8 @@ class Engine:
             keys = torch.tensor([s.key for s in seqs], device=dev).repeat_interleave(k)
             steps = (torch.tensor([len(s.out) for s in seqs], device=dev)[:, None] + torch.arange(k, device=dev))
             gumbel = -exponential_noise(keys, steps.flatten(), self.model.config.vocab_size).log()
-            gumbel = gumbel.view(len(seqs), k, -1) * torch.tensor([not p.greedy for p in params], device=dev)[:, None, None]
+            sampled = torch.tensor([not p.greedy for p in params], device=dev)
+            gumbel = gumbel.view(len(seqs), k, -1) * sampled[:, None, None]
         slots = torch.tensor([s.slot for s in seqs], device=dev)
         kv_len = self._kv_len(max(s.pos for s in seqs) + k)
         hidden, next_tokens, positions = self._static_width(hidden, next_tokens, positions)

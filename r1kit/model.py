@@ -192,6 +192,8 @@ class Context:
 
 # --------------------------------------------------------------------------------------------------- MLA
 LATENT_IN_PLACE = 1024  # keys from which a CPU decode step attends in the cache rows instead of gathering them
+
+
 class MLA(nn.Module):
     """Multi-head latent attention with a naive (training / prefill) and an absorbed (decode) path."""
 
@@ -308,8 +310,8 @@ def _latent_scores(qq: Tensor, latent: Tensor, bias: Tensor | None, heads: int, 
 
 @torch.library.custom_op("r1kit::latent_attention", mutates_args=())
 def latent_attention(qq: Tensor, cache: Tensor, slots: Tensor, positions: Tensor, heads: int, rank: int) -> Tensor:
-    """Absorbed attention of query rows qq (B, T*H, r + dr), t-major and already scaled, over each row's own cache slot (slots,
-    max_len, r + dr), read in place: query t of row b sees the keys at positions up to positions[b, t].
+    """Absorbed attention of query rows qq (B, T*H, r + dr), t-major and already scaled, over each row's own cache
+    slot (slots, max_len, r + dr), read in place: query t of row b sees the keys at positions up to positions[b, t].
     -> (B, T*H, r). Opaque to torch.compile (the keys' count is only read here)."""
     B, T = positions.shape
     out = qq.new_empty(B, qq.shape[1], rank)
