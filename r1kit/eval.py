@@ -5,6 +5,7 @@ For each problem, k samples at temperature 0.6 and top-p 0.95:
 - cons@k = the majority vote over the k samples' extracted answers is correct;
 - pass@m for m <= k with the unbiased estimator 1 - C(n-c, m) / C(n, m) (Chen et al. 2021, eq. 1);
 - greedy accuracy (temperature 0), and the mean response length in tokens;
+- the share of problems whose k samples are all right, all wrong or mixed (a vote can only gain on the mixed);
 - the thinking rate (samples whose reasoning is not empty) and the accuracy of thinking and of direct samples:
   RL amplifies whichever earns more, so a base whose thoughts are worse than its direct answers will not learn
   to think.
@@ -90,6 +91,7 @@ def evaluate_task(llm: LLM, task: T.Task, cfg: EvalConfig, progress: bool = Fals
                             seed=cfg.seed)
     outs = llm.generate(prompts, params, use_tqdm=progress)
     per_problem, lengths, scaling = [], [], {}
+    split = {"all_right": 0, "all_wrong": 0, "mixed": 0}  # a majority vote can only gain on the mixed problems
     by_mode: dict[bool, list[float]] = {True: [], False: []}  # accuracy of samples that thought / answered directly
     ms = sorted({2**i for i in range(cfg.k.bit_length()) if 2**i <= cfg.k} | {cfg.k})  # 1, 2, 4, ..., k
     cons_m = {m: [] for m in ms}
@@ -98,6 +100,7 @@ def evaluate_task(llm: LLM, task: T.Task, cfg: EvalConfig, progress: bool = Fals
         answers = [extract_answer(o.text, prefilled) for o in out.outputs]
         correct = [check_answer(a, ex) for a in answers]
         c = sum(1 for x in correct if x >= 1.0)
+        split["all_right" if c == len(correct) else "all_wrong" if not any(correct) else "mixed"] += 1
         for o, x in zip(out.outputs, correct):
             by_mode[bool(split_reasoning(o.text, prefilled)[0].strip())].append(x)
         per_problem.append(sum(correct) / len(correct))
@@ -113,6 +116,8 @@ def evaluate_task(llm: LLM, task: T.Task, cfg: EvalConfig, progress: bool = Fals
     result[f"cons@{cfg.k}_se"] = _se(votes)
     result[f"pass@{cfg.k}"] = sum(pass_m[cfg.k]) / len(examples)
     result["mean_response_tokens"] = sum(lengths) / len(lengths)
+    for key, n in split.items():  # where cons@k can differ from pass@1: the samples of a problem that disagree
+        result[f"problems_{key}"] = n / len(examples)
     # Whether the model chose to think, and what it was worth: RL amplifies whichever mode earns more reward.
     result["thinking_rate"] = len(by_mode[True]) / (len(by_mode[True]) + len(by_mode[False]))
     for key, mode in (("accuracy_thinking", True), ("accuracy_direct", False)):

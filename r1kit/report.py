@@ -103,7 +103,9 @@ def write(recipe, outputs: dict[str, dict], out_dir: Path, console=None) -> dict
             models[name] = {"greedy": r.get("greedy"), "pass@1": r["pass@1"], f"cons@{k}": r[f"cons@{k}"],
                             f"pass@{k}": r[f"pass@{k}"], "mean_response_tokens": r["mean_response_tokens"],
                             "pass@1_se": r["pass@1_se"], "problems": r["problems"],
-                            **{key: r.get(key) for key in ("thinking_rate", "accuracy_thinking", "accuracy_direct")}}
+                            **{key: r.get(key) for key in ("thinking_rate", "accuracy_thinking", "accuracy_direct",
+                                                           "problems_all_right", "problems_all_wrong",
+                                                           "problems_mixed")}}
             scaling[name] = r.get("scaling", {})
     grpo_stages = [s.name for s in recipe.stages if s.kind == "grpo" and s.name in outputs]
     curves = {name: rl_curve(out_dir / name) for name in grpo_stages}
@@ -116,6 +118,12 @@ def write(recipe, outputs: dict[str, dict], out_dir: Path, console=None) -> dict
         except Exception:  # noqa: BLE001 - a missing model means the target was not shown
             ok = False
         targets[key] = {"target": text, "met": ok}
+    zero = models.get("r1_zero", {})
+    if zero.get("problems_mixed") is not None:  # why a vote does or does not gain
+        targets["cons_beats_pass"]["detail"] = (
+            f"R1-Zero's samples: all right on {zero['problems_all_right']:.0%} of problems, all wrong on "
+            f"{zero['problems_all_wrong']:.0%}, mixed on {zero['problems_mixed']:.0%}; a vote can only gain on "
+            f"the mixed ones")
     wall = sum(o.get("elapsed_s", 0) for o in outputs.values())
     stages = [{"stage": s.name, "kind": s.kind, "elapsed_s": outputs[s.name].get("elapsed_s", 0),
                "cost_usd": outputs[s.name].get("elapsed_s", 0) / 3600 * price} for s in recipe.stages if s.name in outputs]
@@ -164,7 +172,8 @@ def write(recipe, outputs: dict[str, dict], out_dir: Path, console=None) -> dict
         lines.append("")
     lines += ["## Targets", ""]
     for key, t in targets.items():
-        lines.append(f"- {'MET' if t['met'] else 'NOT MET'}: {t['target']}")
+        lines.append(f"- {'MET' if t['met'] else 'NOT MET'}: {t['target']}" + (f" ({t['detail']})" if t.get("detail")
+                                                                                 else ""))
     lines += ["", "## RL curves", ""]
     for name, curve in curves.items():
         if curve:

@@ -71,9 +71,18 @@ def test_metrics_arithmetic_on_scripted_answers():
     assert r["pass@1"] == pytest.approx((3 / 4 + 1 / 4) / 2)
     assert r["cons@4"] == 0.5  # q1's vote is 1 (right), q2's is 5 (wrong)
     assert r["pass@4"] == 1.0
+    assert r["problems_all_right"] == 0 and r["problems_all_wrong"] == 0 and r["problems_mixed"] == 1
     assert r["mean_response_tokens"] == pytest.approx(2.5)
     first = r["scaling"]["samples"][0]
     assert first["m"] == 1 and first["cons"] == 0.5  # q1's first sample right, q2's wrong
+
+
+def test_problems_split_by_agreement():
+    task = T.Task("t", [T.Example("q1", "1"), T.Example("q2", "2"), T.Example("q3", "1")])
+    tok = train_bpe(["q1 q2 q3 1 2"] * 5, vocab_size=280)
+    llm = ScriptedLLM(tok, greedy=["1", "2", "1"], samples=[["1", "1"], ["5", "5"], ["1", "2"]])
+    r = evaluate_task(llm, task, EvalConfig(k=2))
+    assert (r["problems_all_right"], r["problems_all_wrong"], r["problems_mixed"]) == pytest.approx((1 / 3,) * 3)
 
 
 def test_thinking_rate_and_accuracy_by_mode():

@@ -32,6 +32,9 @@ def test_recipe_runs_every_stage_and_writes_the_report(smoke_run):
     assert results["wall_clock_s"] > 0 and len(results["targets"]) == 4
     report = (run_dir / "report.md").read_text()
     assert "## Targets" in report and ("NOT MET" in report or "MET" in report)
+    zero = results["models"]["r1_zero"]  # why a vote does or does not gain: the problems split by agreement
+    assert zero["problems_all_right"] + zero["problems_all_wrong"] + zero["problems_mixed"] == pytest.approx(1)
+    assert "mixed on" in results["targets"]["cons_beats_pass"]["detail"] and "mixed on" in report
     assert (run_dir / "r1_zero_reward.png").exists() and (run_dir / "test_time_scaling.png").exists()
     data = [json.loads(line) for line in (run_dir / "rejection" / "data.jsonl").read_text().splitlines()]
     assert sum(1 for d in data if d["messages"][-1]["reasoning_content"] == "") == 10  # the non-reasoning part
