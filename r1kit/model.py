@@ -352,6 +352,8 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             kbuf, vbuf = ctx.cache.layers[self.layer_idx]
             k, v = ctx.write_heads(kbuf, k), ctx.write_heads(vbuf, v)  # (B, Hkv, S, D)
+            if T <= 8 and ctx.bias is not None:
+                return self.o_proj(self._decode(q, k, v, ctx.bias))
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
         o = F.scaled_dot_product_attention(
@@ -359,6 +361,18 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, T, D)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _decode(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """A few queries (B, T, H, D) over cached keys and values (B, Hkv, S, D): the G = H / Hkv heads that share a
+        key head fold into its query rows, so nothing is expanded per head. -> (B, T, H * D)."""
+        B, T, H, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        G = H // Hkv
+        qq = q.view(B, T, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, T * G, D)  # rows t-major
+        mask = bias.view(B, 1, T, 1, S).expand(B, 1, T, G, S).reshape(B, 1, T * G, S)
+        scores = torch.matmul(qq, k.transpose(-1, -2)) * D**-0.5 + mask  # (B, Hkv, T*G, S)
+        o = torch.matmul(scores.float().softmax(dim=-1).to(v.dtype), v)  # (B, Hkv, T*G, D)
+        return o.view(B, Hkv, T, G, D).permute(0, 2, 1, 3, 4).reshape(B, T, H * D)
 
 
 # --------------------------------------------------------------------------------------------------- MoE
