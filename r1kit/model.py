@@ -183,8 +183,7 @@ class Context:
 
     def write_heads(self, buf: Tensor, new: Tensor) -> Tensor:
         """As `write`, for a (slots, heads, len, dim) buffer and new (B, T, heads, dim)."""
-        rows = self.slots if self.slots is not None else torch.arange(new.shape[0], device=new.device)
-        buf[rows[:, None], :, self.positions] = new.to(buf.dtype)
+        buf[self.rows(new.shape[0])[:, None], :, self.positions] = new.to(buf.dtype)
         if self.slots is None:
             return buf[: new.shape[0], :, : self.kv_len]
         return buf[self.slots, :, : self.kv_len]
