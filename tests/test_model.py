@@ -15,11 +15,17 @@ def small(**kw):
     return C.tiny(**{**base, **kw})
 
 
-@pytest.mark.parametrize("in_place", [False, True])
+def in_place_paths(in_place, monkeypatch):
+    """Decode steps attend over gathered copies of the cache rows (False), or in the rows themselves through the C++
+    kernel ("kernel", the default on CPU) or its PyTorch twin `latent_attention` ("reference")."""
+    if in_place != "kernel":
+        monkeypatch.setattr(M.kernels, "load", lambda name: False)
+        monkeypatch.setattr(M, "LATENT_IN_PLACE", 0 if in_place else 10**9)
+
+
+@pytest.mark.parametrize("in_place", [False, "kernel", "reference"])
 def test_absorbed_equals_naive_with_and_without_cache(in_place, monkeypatch):
-    """in_place: the decode steps attend in the cache rows (`latent_attention`) rather than gathered copies."""
-    if in_place:
-        monkeypatch.setattr(M, "LATENT_IN_PLACE", 0)
+    in_place_paths(in_place, monkeypatch)
     model = M.build(small()).eval()
     x = torch.randint(0, 128, (3, 30))
     with torch.no_grad():
@@ -39,6 +45,31 @@ def test_absorbed_equals_naive_with_and_without_cache(in_place, monkeypatch):
             torch.testing.assert_close(torch.cat(steps, dim=1), naive, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("T,lengths", [(1, [1, 300, 2600]), (3, [3, 1030]), (2, [513])])
+def test_latent_attention_kernel_equals_reference(T, lengths):
+    """The one-pass C++ kernel against two matmuls a row: ragged rows in any slots, causal verify rows, and keys
+    split into chunks across threads (from 256 keys a chunk) whose partial softmaxes are merged."""
+    if M.latent_attention_op(torch.float32) is M.latent_attention:
+        pytest.skip("no C++ compiler: the kernel is not built and the PyTorch path runs")
+    torch.manual_seed(0)
+    H, R, D = 5, 24, 24 + 8  # odd widths: vector tails
+    cache = torch.randn(4, 2700, D)
+    slots = torch.tensor([3, 0, 1][: len(lengths)])
+    positions = torch.stack([torch.arange(n - T, n) for n in lengths])
+    qq = torch.randn(len(lengths), T * H, D)
+    got = torch.ops.r1kit_cpu.latent_attention(qq, cache, slots, positions, H, R)
+    want = M.latent_attention(qq, cache, slots, positions, H, R)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_that_does_not_build_leaves_the_pytorch_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    monkeypatch.setenv("R1KIT_CACHE", str(tmp_path))
+    with pytest.warns(UserWarning, match="latent_attention.cpp failed"):
+        assert M.kernels._load("latent_attention") is False
+    assert not list(tmp_path.rglob("*.so"))
+
+
 def test_auto_picks_absorbed_for_decode_and_naive_for_prefill():
     attn = M.build(C.deepseek_v3(num_hidden_layers=1, n_routed_experts=8, n_group=1, topk_group=1,
                                  num_experts_per_tok=2, first_k_dense_replace=1, vocab_size=8,
@@ -47,11 +78,10 @@ def test_auto_picks_absorbed_for_decode_and_naive_for_prefill():
     assert not attn.use_absorbed(T=1000, S=1000)
 
 
-@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("in_place", [False, "kernel", "reference"])
 def test_cache_rows_are_independent_of_batch_neighbours(in_place, monkeypatch):
     """Ragged rows (each its own length and slot) give the same logits as each row run alone."""
-    if in_place:
-        monkeypatch.setattr(M, "LATENT_IN_PLACE", 0)
+    in_place_paths(in_place, monkeypatch)
     model = M.build(small()).eval()
     seqs = [torch.randint(0, 128, (n,)) for n in (5, 12, 9)]
     cache = M.KVCache(model.config, 4, 32)

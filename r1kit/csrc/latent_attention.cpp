@@ -1,0 +1,196 @@
+// Absorbed MLA decode attention on CPU in one pass over each sequence's cache rows (flash-decoding).
+//
+// qq (B, T*H, D) float32, t-major query rows, already scaled and folded through W_uk; cache (slots, max_len, D)
+// float32, each row [c_kv (rank) | k_pe]; slots (B,) and positions (B, T) int64. Query row i of batch row b is query
+// t = i / H and sees the keys at positions 0 .. positions[b, t]. Returns (B, T*H, rank): softmax(q k^T) c_kv.
+//
+// The keys of a row are split into chunks across threads; each chunk keeps, per query row, a running maximum, a
+// running sum of exponentials and an unnormalised output (the online softmax); the chunks are merged at the end.
+// Every key row is read once per chunk, for all query rows at once, while it is in L1.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 64;      // keys scored at once, per query row
+constexpr int64_t kMinChunk = 256;  // fewest keys worth a thread
+
+using Vec = at::vec::Vectorized<float>;
+
+// scores[k] = q . keys[k] for `n` (<= 8) key rows: one accumulator per key, so the FMA chains run side by side.
+inline void dots(const float* q, const float* keys, int64_t stride, int64_t n, int64_t D, float* scores) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (n == 8 && D % 8 == 0) {  // eight named registers (an array of them ends up in memory), then a tree of adds
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + 0 * stride + d), a0);
+      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + 1 * stride + d), a1);
+      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + 2 * stride + d), a2);
+      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + 3 * stride + d), a3);
+      a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + 4 * stride + d), a4);
+      a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + 5 * stride + d), a5);
+      a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + 6 * stride + d), a6);
+      a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + 7 * stride + d), a7);
+    }
+    // pairwise adds leave keys 0-3's sums split over the two 128-bit halves of lo, keys 4-7's over hi
+    const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    _mm256_storeu_ps(scores, _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31)));
+    return;
+  }
+#endif
+  for (int64_t k = 0; k < n; ++k) {
+    Vec acc(0.f);
+    int64_t d = 0;
+    for (; d + Vec::size() <= D; d += Vec::size()) acc = at::vec::fmadd(Vec::loadu(q + d), Vec::loadu(keys + k * stride + d), acc);
+    float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+    for (; d < D; ++d) s += q[d] * keys[k * stride + d];
+    scores[k] = s;
+  }
+}
+
+// acc[0 : NV * 8] = acc * alpha + sum_j p[j] * keys[j][0 : NV * 8]: NV independent accumulators held in registers.
+template <int NV>
+inline void accumulate_tile(float* acc, float alpha, const float* p, const float* keys, int64_t stride, int64_t count) {
+  Vec a[NV];
+  for (int v = 0; v < NV; ++v) a[v] = Vec::loadu(acc + v * Vec::size()) * Vec(alpha);
+  for (int64_t j = 0; j < count; ++j) {
+    const Vec pj(p[j]);
+    const float* k = keys + j * stride;
+    for (int v = 0; v < NV; ++v) a[v] = at::vec::fmadd(pj, Vec::loadu(k + v * Vec::size()), a[v]);
+  }
+  for (int v = 0; v < NV; ++v) a[v].store(acc + v * Vec::size());
+}
+
+// acc[0:n] = acc * alpha + sum_j p[j] * keys[j][0:n], for the first `count` keys of a block
+inline void accumulate(float* acc, float alpha, const float* p, const float* keys, int64_t stride, int64_t count,
+                       int64_t n) {
+  constexpr int64_t W = Vec::size();
+  int64_t d = 0;
+  for (; d + 8 * W <= n; d += 8 * W) accumulate_tile<8>(acc + d, alpha, p, keys + d, stride, count);
+  switch ((n - d) / W) {
+    case 7: accumulate_tile<7>(acc + d, alpha, p, keys + d, stride, count); break;
+    case 6: accumulate_tile<6>(acc + d, alpha, p, keys + d, stride, count); break;
+    case 5: accumulate_tile<5>(acc + d, alpha, p, keys + d, stride, count); break;
+    case 4: accumulate_tile<4>(acc + d, alpha, p, keys + d, stride, count); break;
+    case 3: accumulate_tile<3>(acc + d, alpha, p, keys + d, stride, count); break;
+    case 2: accumulate_tile<2>(acc + d, alpha, p, keys + d, stride, count); break;
+    case 1: accumulate_tile<1>(acc + d, alpha, p, keys + d, stride, count); break;
+    default: break;
+  }
+  d += (n - d) / W * W;
+  for (; d < n; ++d) {
+    float a = acc[d] * alpha;
+    for (int64_t j = 0; j < count; ++j) a += p[j] * keys[j * stride + d];
+    acc[d] = a;
+  }
+}
+
+// One chunk [s0, s1) of one batch row: partial (max, sum, unnormalised output) per query row.
+void attend_chunk(const float* q, const float* keys, int64_t rows, int64_t D, int64_t R, const int64_t* visible,
+                  int64_t s0, int64_t s1, float* m, float* l, float* acc) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::fill(m, m + rows, neg_inf);
+  std::fill(l, l + rows, 0.f);
+  std::fill(acc, acc + rows * R, 0.f);
+  std::vector<float> scores(rows * kBlock);
+  for (int64_t s = s0; s < s1; s += kBlock) {
+    const int64_t n = std::min(kBlock, s1 - s);
+    const float* kb = keys + s * D;
+    float* sc = scores.data();
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < n; j += 8) dots(q + i * D, kb + j * D, D, std::min<int64_t>(8, n - j), D,
+                                              sc + i * kBlock + j);
+    for (int64_t i = 0; i < rows; ++i) {  // the online softmax, then the values
+      const int64_t count = std::min(n, visible[i] - s);  // keys this query row may see in the block
+      if (count <= 0) continue;
+      float* p = sc + i * kBlock;
+      const float block_max = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); },
+                                                         p, count);
+      const float m_new = std::max(m[i], block_max);
+      const float alpha = std::exp(m[i] - m_new);  // 0 on the first block (m = -inf)
+      at::vec::map([m_new](Vec x) { return (x - Vec(m_new)).exp_u20(); }, p, p, count);
+      const float sum = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, p, count);
+      l[i] = l[i] * alpha + sum;
+      m[i] = m_new;
+      accumulate(acc + i * R, alpha, p, kb, D, count, R);
+    }
+  }
+}
+
+at::Tensor latent_attention(const at::Tensor& qq, const at::Tensor& cache, const at::Tensor& slots,
+                            const at::Tensor& positions, int64_t heads, int64_t rank) {
+  TORCH_CHECK(qq.scalar_type() == at::kFloat && cache.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(cache.is_contiguous() && cache.dim() == 3, "cache must be contiguous (slots, max_len, D)");
+  const auto q = qq.contiguous();
+  const auto sl = slots.to(at::kLong).contiguous();
+  const auto pos = positions.to(at::kLong).contiguous();
+  const int64_t B = q.size(0), rows = q.size(1), D = q.size(2), T = pos.size(1), R = rank;
+  TORCH_CHECK(rows == T * heads && D == cache.size(2) && R <= D, "shape mismatch");
+  const int64_t max_len = cache.size(1);
+  const float* qp = q.data_ptr<float>();
+  const float* cp = cache.data_ptr<float>();
+  const int64_t* slp = sl.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+
+  // Work items: (batch row, chunk of its keys); enough chunks to keep every thread busy on long rows.
+  const int64_t threads = at::get_num_threads();
+  std::vector<int64_t> first(B + 1, 0), chunk_len(B);
+  std::vector<int64_t> visible(B * rows);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t S = pp[b * T + T - 1] + 1;
+    TORCH_CHECK(S <= max_len && slp[b] >= 0 && slp[b] < cache.size(0), "position or slot out of range");
+    for (int64_t i = 0; i < rows; ++i) visible[b * rows + i] = pp[b * T + i / heads] + 1;
+    const int64_t want = std::max<int64_t>(1, (threads + B - 1) / B);
+    const int64_t chunks = std::max<int64_t>(1, std::min(want, S / kMinChunk));
+    chunk_len[b] = (S + chunks - 1) / chunks;
+    first[b + 1] = first[b] + (S + chunk_len[b] - 1) / chunk_len[b];
+  }
+  const int64_t items = first[B];
+  std::vector<float> m(items * rows), l(items * rows), acc(items * rows * R);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t b = std::upper_bound(first.begin(), first.end(), it) - first.begin() - 1;
+      const int64_t S = pp[b * T + T - 1] + 1;
+      const int64_t s0 = (it - first[b]) * chunk_len[b], s1 = std::min(S, s0 + chunk_len[b]);
+      attend_chunk(qp + b * rows * D, cp + slp[b] * max_len * D, rows, D, R, visible.data() + b * rows, s0, s1,
+                   m.data() + it * rows, l.data() + it * rows, acc.data() + it * rows * R);
+    }
+  });
+
+  auto out = at::empty({B, rows, R}, q.options());
+  float* op = out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t i = 0; i < rows; ++i) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t c = first[b]; c < first[b + 1]; ++c) mx = std::max(mx, m[c * rows + i]);
+      float* o = op + (b * rows + i) * R;
+      std::fill(o, o + R, 0.f);
+      float denom = 0.f;
+      for (int64_t c = first[b]; c < first[b + 1]; ++c) {
+        if (l[c * rows + i] == 0.f) continue;  // a chunk past what this query row sees
+        const float w = std::exp(m[c * rows + i] - mx);
+        denom += w * l[c * rows + i];
+        const float* a = acc.data() + (c * rows + i) * R;
+        for (int64_t d = 0; d < R; ++d) o[d] += w * a[d];
+      }
+      for (int64_t d = 0; d < R; ++d) o[d] /= denom;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(r1kit_cpu, m) {
+  m.def("latent_attention(Tensor qq, Tensor cache, Tensor slots, Tensor positions, int heads, int rank) -> Tensor");
+  m.impl("latent_attention", c10::DispatchKey::CPU, &latent_attention);
+}
