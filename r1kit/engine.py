@@ -472,6 +472,8 @@ class Engine:
             leader.slot = self._take_slot()
             if donor >= 0:
                 self._copy_rows(donor, leader.slot, hit)
+                # what the slot holds now, for the next request placed before this prefill runs
+                self.slot_tokens[leader.slot, :hit] = self.slot_tokens[donor, :hit]
         for s in req.seqs[1:]:
             s.slot = self._take_slot()
         leader.pos = hit

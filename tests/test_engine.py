@@ -184,6 +184,21 @@ def test_prefix_cache_reuses_and_invalidates(mla):
     assert third.outputs[0].token_ids == reference_greedy(model, long + [41, 42], 6)
 
 
+def test_prefix_cache_serves_every_prompt_its_own_rows_when_slots_turn_over(mla):
+    """More prompts than slots, sharing prefixes: one admission places several requests, and a slot handed to one
+    (its prefix copied in from another) must not serve a later one as if it still held its old prompt."""
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        prompts = [[1, *torch.randint(3, 6, (5,), generator=g).tolist()] for _ in range(40)]
+        want = [o.outputs[0].token_ids
+                for o in LLM(mla, max_num_seqs=4, enable_prefix_caching=False).generate(prompts, params)]
+        llm = LLM(mla, max_num_seqs=4)
+        for _ in range(3):  # the later rounds are served from whatever the slots hold
+            assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want, seed
+        assert llm.stats.cached_prompt_tokens > 0
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize("drafts", [1, 3])
 def test_speculative_decoding_equals_plain(mla, temperature, drafts):
