@@ -28,7 +28,7 @@ from typing import Any
 from r1kit import tasks as T
 from r1kit.engine import LLM, SamplingParams
 from r1kit.rewards import check_answer
-from r1kit.tokenizer import split_reasoning
+from r1kit.tokenizer import ANSWER, END_THINK, split_reasoning
 from r1kit.testtime import extract_answer, generate_with_budget, majority_vote
 
 
@@ -82,8 +82,10 @@ def evaluate_task(llm: LLM, task: T.Task, cfg: EvalConfig, progress: bool = Fals
     prefilled = render(tok, T.Example("x", ""), cfg.template).rstrip().endswith("<think>")
     t0 = time.perf_counter()
     result: dict[str, Any] = {"task": task.name, "problems": len(examples), "k": cfg.k}
+    generated = 0  # tokens sampled, every pass included (the stage's cost)
     if cfg.greedy:
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=cfg.max_tokens), use_tqdm=progress)
+        generated += sum(len(o.outputs[0].token_ids) for o in outs)
         right = [check_answer(extract_answer(o.outputs[0].text, prefilled), e) for o, e in zip(outs, examples)]
         result["greedy"] = sum(right) / len(right)
         result["greedy_se"] = _se(right)
@@ -126,15 +128,19 @@ def evaluate_task(llm: LLM, task: T.Task, cfg: EvalConfig, progress: bool = Fals
                           for m in ms]
     if cfg.budgets:
         curve = []
+        # the reasoning is closed the way the template's own answers follow it
+        close = f" {END_THINK} {ANSWER}" if cfg.template == "r1-zero" else f"\n{END_THINK}\n\n"
         for b in cfg.budgets:
             rows = generate_with_budget(llm, prompts, SamplingParams(n=1, temperature=cfg.temperature,
                                                                      top_p=cfg.top_p, seed=cfg.seed), b,
-                                        answer_tokens=32)
-            acc = [check_answer(extract_answer(r[0].answer, prefilled=False), e) for r, e in zip(rows, examples)]
+                                        answer_tokens=32, close=close)
+            acc = [check_answer(extract_answer(r[0].text, prefilled), e) for r, e in zip(rows, examples)]
+            generated += sum(r[0].reasoning_tokens + r[0].answer_tokens for r in rows)
             curve.append({"budget": b, "accuracy": sum(acc) / len(acc),
                           "mean_reasoning_tokens": sum(r[0].reasoning_tokens for r in rows) / len(rows)})
         scaling["budget"] = curve
     result["scaling"] = scaling
+    result["generated_tokens"] = generated + sum(lengths)
     result["elapsed_s"] = time.perf_counter() - t0
     return result
 

@@ -518,7 +518,8 @@ def _batch_metrics(groups: list[Group], roll: dict, cfg: GRPOConfig, run: train.
            truncated.mean(), *per_reward, roll["frac_zero_variance"], roll["generation_s"], roll["scoring_s"],
            roll["generation_rounds"]]
     s = train.global_sum([float(v) for v in vec], run) / run.world_size
-    totals = train.global_sum([float(lengths.sum()), roll["generated_tokens"]], run)
+    prompts = float(sum(len(g.prompt_ids) * len(g.completions) for g in groups))
+    totals = train.global_sum([float(lengths.sum()), roll["generated_tokens"], prompts + float(lengths.sum())], run)
     vals = s.tolist()
     out = {"reward": vals[0], "reward_std": vals[1], "completion_length": vals[2], "truncated_frac": vals[3]}
     for i, n in enumerate(names):
@@ -528,5 +529,5 @@ def _batch_metrics(groups: list[Group], roll: dict, cfg: GRPOConfig, run: train.
     k = 4 + len(names)
     out.update(frac_zero_variance=vals[k], generation_s=vals[k + 1], scoring_s=vals[k + 2],
                generation_rounds=vals[k + 3], completion_tokens=totals[0].item(),
-               generated_tokens=totals[1].item())
+               generated_tokens=totals[1].item(), tokens=totals[2].item())  # tokens: through each optimizer step
     return out

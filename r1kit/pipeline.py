@@ -318,7 +318,9 @@ def _rejection(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
             convs.append(ex.chat() + [{"role": "assistant", "reasoning_content": "", "content": ex.answer}])
     random.Random(s.get("seed", 0)).shuffle(convs)
     data = _write_jsonl(out / "data.jsonl", ({"messages": m} for m in convs))
-    return {"data": str(data), "samples": tried, "correct_and_well_formed": right, "kept": len(convs)}
+    generated = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return {"data": str(data), "samples": tried, "correct_and_well_formed": right, "kept": len(convs),
+            "generated_tokens": generated, "flops": 2 * _active_params(_model_of(s["model"], outputs)) * generated}
 
 
 def _distill(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
@@ -343,13 +345,25 @@ def _eval(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
 
     s = dict(stage.settings)
     cfg = E.EvalConfig(**{k: v for k, v in s.items() if k != "models"})
-    results = {}
+    results, generated, flops = {}, 0, 0.0
     for name, ref in s["models"].items():
         ref, _, template = ref.partition("@")
         one = dataclasses.replace(cfg, template=template or cfg.template)
-        results.update(E.evaluate({name: _model_of(ref, outputs)}, one, progress=True))
+        path = _model_of(ref, outputs)
+        results.update(E.evaluate({name: path}, one, progress=True))
+        tokens = sum(r["generated_tokens"] for r in results[name].values())
+        generated += tokens
+        flops += 2 * _active_params(path) * tokens
     E.write(results, cfg, out / "results.json")
-    return {"results": str(out / "results.json")}
+    return {"results": str(out / "results.json"), "generated_tokens": generated, "flops": flops}
+
+
+def _active_params(model_dir: str | Path) -> int:
+    """Weights a token passes through (a forward costs ~2 FLOPs each); the stages' FLOPs are counted with it."""
+    from r1kit import config as C
+    from r1kit.model import count_params
+
+    return count_params(C.ModelConfig.load(model_dir))[1]
 
 
 STAGES = {"corpus": _corpus, "pretrain": _train_stage("pretrain"), "sft": _train_stage("sft"),

@@ -241,7 +241,8 @@ def _pretrain(cfg: PretrainConfig, run: train.Run, on_step) -> dict:
             step += 1
             position += global_batch
             elapsed = time.perf_counter() - t0
-            metrics.update(tokens_per_s=global_batch * T_ / elapsed, step_s=elapsed, data_position=position)
+            metrics.update(tokens=global_batch * T_, tokens_per_s=global_batch * T_ / elapsed, step_s=elapsed,
+                           data_position=position)
             log.log(step, metrics)
             last = metrics
             if train.should_save(step, cfg):

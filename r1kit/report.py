@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from r1kit.config import ConfigError
+
 # What the tiny recipe must show (issue #6): (name, description, check on the results)
 TARGETS = [
     ("r1_zero_gain", "R1-Zero raises pass@1 by >= 20 points over the base",
@@ -43,6 +45,31 @@ def _trend(curve: list[dict]) -> float:
     mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
     var = sum((x - mx) ** 2 for x, _ in pts)
     return sum((x - mx) * (y - my) for x, y in pts) / var if var else float("nan")
+
+
+def stage_work(record: dict) -> dict[str, float | None]:
+    """Tokens a stage trained on (forward + backward) and sampled, and its FLOPs: 6 per active weight per trained
+    token, 2 per sampled token (prompt prefill and attention over the context left out: short sequences here).
+    Training stages are counted from their metrics.jsonl, sampling stages report their own; None when unknown."""
+    if "generated_tokens" in record:  # rejection, eval
+        return {"trained_tokens": 0, "generated_tokens": record["generated_tokens"], "flops": record.get("flops")}
+    model = record.get("model")
+    out = record.get("output_dir")
+    if not model or not out:
+        return {"trained_tokens": None, "generated_tokens": None, "flops": None}
+    rows = read_metrics(Path(out) / "metrics.jsonl")
+    if not rows or "tokens" not in rows[-1]:
+        return {"trained_tokens": None, "generated_tokens": None, "flops": None}
+    trained = sum(r.get("tokens", 0) for r in rows)
+    rollouts = {r["rollout_position"]: r.get("generated_tokens", 0) for r in rows if "rollout_position" in r}
+    generated = sum(rollouts.values())  # the optimizer steps of one rollout share its samples
+    from r1kit.pipeline import _active_params
+
+    try:
+        n = _active_params(model)
+    except (ConfigError, OSError):  # the model directory moved since
+        return {"trained_tokens": trained, "generated_tokens": generated, "flops": None}
+    return {"trained_tokens": trained, "generated_tokens": generated, "flops": 6 * n * trained + 2 * n * generated}
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -126,7 +153,8 @@ def write(recipe, outputs: dict[str, dict], out_dir: Path, console=None) -> dict
             f"the mixed ones")
     wall = sum(o.get("elapsed_s", 0) for o in outputs.values())
     stages = [{"stage": s.name, "kind": s.kind, "elapsed_s": outputs[s.name].get("elapsed_s", 0),
-               "cost_usd": outputs[s.name].get("elapsed_s", 0) / 3600 * price} for s in recipe.stages if s.name in outputs]
+               "cost_usd": outputs[s.name].get("elapsed_s", 0) / 3600 * price, **stage_work(outputs[s.name])}
+              for s in recipe.stages if s.name in outputs]
     results = {"wall_clock_s": wall, "models": models, "r1_zero_curve": r1_zero_curve, "targets": targets,
                "stages": stages, "scaling": scaling,
                "hardware": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
@@ -182,9 +210,19 @@ def write(recipe, outputs: dict[str, dict], out_dir: Path, console=None) -> dict
                          f"mean response tokens {first['mean_response_tokens']:.1f} → {last['mean_response_tokens']:.1f}"
                          f" (slope {_trend(curve):+.3f} tokens/step). Plots: `{name}_reward.png`, "
                          f"`{name}_accuracy.png`, `{name}_mean_response_tokens.png`.")
-    lines += ["", "## Cost of each stage", "", "| stage | kind | wall-clock (s) | cost (USD) |", "|---|---|---:|---:|"]
+    lines += ["", "## Cost of each stage", "",
+              "Tokens trained on (forward and backward) and sampled; FLOPs as 6 per active weight per trained token and "
+              "2 per sampled token.", "",
+              "| stage | kind | wall-clock (s) | tokens trained | tokens sampled | FLOPs | cost (USD) |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    def num(x, fmt="{:,.0f}"):
+        return "—" if x is None else fmt.format(x)
+
     for s in stages:
-        lines.append(f"| {s['stage']} | {s['kind']} | {s['elapsed_s']:.0f} | {s['cost_usd']:.5f} |")
+        lines.append(f"| {s['stage']} | {s['kind']} | {s['elapsed_s']:.0f} | {num(s['trained_tokens'])} | "
+                     f"{num(s['generated_tokens'])} | {num(s['flops'], '{:.2e}')} | {s['cost_usd']:.5f} |")
+    total = sum(s["flops"] or 0 for s in stages)
+    lines.append(f"| **all** | | **{wall:.0f}** | | | **{total:.2e}** | **{wall / 3600 * price:.5f}** |")
     hw = results["hardware"]
     lines += ["", f"Hardware: {hw['processor']}, {hw['threads']} threads; Python {hw['python']}, torch {hw['torch']}.", ""]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")

@@ -96,6 +96,8 @@ def generate_with_budget(llm: LLM, prompts: list[str], params: SamplingParams, b
                 st["done"] = True
         thinking = [st for st in still if st["used"] < budget]
     answering = [st for st in states if not st.get("done")]
+    for st in answering:  # `close` brings its own spacing: a space or newline left before the stop would double it
+        st["thought"] = st["thought"].rstrip()
     outs = llm.generate([st["prompt"] + st["thought"] + close for st in answering],
                         [SamplingParams(temperature=params.temperature, top_p=params.top_p, max_tokens=answer_tokens,
                                         seed=base_seed * 7 + st["seed"]) for st in answering]) if answering else []

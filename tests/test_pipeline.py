@@ -36,6 +36,15 @@ def test_recipe_runs_every_stage_and_writes_the_report(smoke_run):
     assert zero["problems_all_right"] + zero["problems_all_wrong"] + zero["problems_mixed"] == pytest.approx(1)
     assert "mixed on" in results["targets"]["cons_beats_pass"]["detail"] and "mixed on" in report
     assert (run_dir / "r1_zero_reward.png").exists() and (run_dir / "test_time_scaling.png").exists()
+    assert [p["budget"] for p in results["scaling"]["r1_zero"]["budget"]] == [2, 6]
+    assert (run_dir / "thinking_budget.png").exists()
+    cost = {s["stage"]: s for s in results["stages"]}  # the work of each stage, and its FLOPs
+    for name in ("base", "cold_start", "r1_zero", "rejection", "eval"):
+        assert cost[name]["flops"] > 0, name
+    assert cost["base"]["trained_tokens"] > 0 and cost["base"]["generated_tokens"] == 0
+    assert cost["r1_zero"]["trained_tokens"] > cost["r1_zero"]["generated_tokens"] > 0  # prompts are trained too
+    assert cost["eval"]["generated_tokens"] > 0 and cost["eval"]["trained_tokens"] == 0
+    assert "| FLOPs |" in report
     data = [json.loads(line) for line in (run_dir / "rejection" / "data.jsonl").read_text().splitlines()]
     assert sum(1 for d in data if d["messages"][-1]["reasoning_content"] == "") == 10  # the non-reasoning part
 
