@@ -253,8 +253,9 @@ class Engine:
             # Module floats (norm eps, softmax scale, routing scale) as constants, not symbolic inputs that every call
             # re-checks: the guards and the glue before the graph took 120 of a 1,550 us step, now 60.
             torch._dynamo.config.specialize_float = True
-            if self.device.type == "cpu" and model.config.is_mla:  # built outside the graph, which only reads the result
-                M.latent_attention_op(torch.float32)
+            if self.device.type == "cpu":  # the C++ kernels are built out here: a graph can only read the result
+                for name in ("latent_attention", "gqa_attention"):
+                    M.decode_kernel(name)
 
         def compiled(fn):
             return torch.compile(fn, dynamic=True, options={

@@ -182,9 +182,13 @@ class Context:
             return buf[: new.shape[0], : self.kv_len]
         return buf[self.slots, : self.kv_len]
 
+    def store_heads(self, buf: Tensor, new: Tensor) -> None:
+        """As `store`, for a (slots, heads, len, dim) buffer and new (B, T, heads, dim)."""
+        buf[self.rows(new.shape[0])[:, None], :, self.positions] = new.to(buf.dtype)
+
     def write_heads(self, buf: Tensor, new: Tensor) -> Tensor:
         """As `write`, for a (slots, heads, len, dim) buffer and new (B, T, heads, dim)."""
-        buf[self.rows(new.shape[0])[:, None], :, self.positions] = new.to(buf.dtype)
+        self.store_heads(buf, new)
         if self.slots is None:
             return buf[: new.shape[0], :, : self.kv_len]
         return buf[self.slots, :, : self.kv_len]
@@ -249,9 +253,9 @@ class MLA(nn.Module):
             # layer and step. The C++ kernel wins at every length (8 heads: 5 vs 57 us at 32 keys, 92 vs 325 at 4k);
             # its PyTorch twin, two matmuls a row, only from ~1k keys.
             buf = ctx.cache.layers[self.layer_idx]
-            attend = latent_attention_op(buf.dtype if buf.is_contiguous() else None)
-            if attend is latent_attention and ctx.kv_len < LATENT_IN_PLACE:
-                attend = None
+            attend = decode_kernel("latent_attention", buf)
+            if attend is None and ctx.kv_len >= LATENT_IN_PLACE:
+                attend = latent_attention
         if attend is not None:
             ctx.store(buf, latent)
             out = self._absorbed(q_nope, q_pe, lambda qq: attend(
@@ -332,23 +336,31 @@ def latent_attention(qq: Tensor, cache: Tensor, slots: Tensor, positions: Tensor
 
 
 @latent_attention.register_fake
-def _latent_attention_fake(qq: Tensor, cache: Tensor, slots: Tensor, positions: Tensor, heads: int, rank: int) -> Tensor:
+def _latent_attention_fake(qq: Tensor, cache: Tensor, slots: Tensor, positions: Tensor, heads: int,
+                           rank: int) -> Tensor:
     return qq.new_empty(qq.shape[0], qq.shape[1], rank)
 
 
-def latent_attention_op(dtype: torch.dtype):
-    """The in-place latent attention for `dtype`: the C++ kernel (one pass over the keys, split across threads; 1.5x
-    faster than two matmuls at 4k keys) for float32 when it builds, else `latent_attention`."""
-    if dtype != torch.float32:
-        return latent_attention
-    built = kernels.LOADED.get("latent_attention") if torch.compiler.is_compiling() else kernels.load("latent_attention")
+def decode_kernel(name: str, cache: Tensor | None = None):
+    """The C++ decode-attention op `name` (csrc/decode_attention.cpp: one pass over the keys, split across threads)
+    when it can serve `cache` (float32, contiguous, on CPU) and has been built; else None."""
+    if cache is not None and (cache.dtype != torch.float32 or not cache.is_contiguous() or cache.device.type != "cpu"):
+        return None
+    lib = "decode_attention"
+    built = kernels.LOADED.get(lib) if torch.compiler.is_compiling() else kernels.load(lib)
     if not built:
-        return latent_attention
-    op = torch.ops.r1kit_cpu.latent_attention
+        return None
+    op = getattr(torch.ops.r1kit_cpu, name)
     if not getattr(op, "_r1kit_fake", False):  # shapes for torch.compile, registered once
-        torch.library.register_fake("r1kit_cpu::latent_attention")(_latent_attention_fake)
+        torch.library.register_fake(f"r1kit_cpu::{name}")(_KERNEL_SHAPES[name])
         op._r1kit_fake = True
     return op
+
+
+_KERNEL_SHAPES = {
+    "latent_attention": _latent_attention_fake,
+    "gqa_attention": lambda q, k_cache, v_cache, slots, positions: torch.empty_like(q),
+}
 
 
 class Attention(nn.Module):
@@ -371,9 +383,13 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if ctx.cache is not None:
             kbuf, vbuf = ctx.cache.layers[self.layer_idx]
+            attend = decode_kernel("gqa_attention", kbuf) if T <= 8 and vbuf.is_contiguous() else None
+            if attend is not None:  # in the cache rows themselves, nothing gathered
+                ctx.store_heads(kbuf, k), ctx.store_heads(vbuf, v)
+                return self.o_proj(self._fold(attend, q * self.head_dim**-0.5, kbuf, vbuf, ctx.rows(B), ctx.positions))
             k, v = ctx.write_heads(kbuf, k), ctx.write_heads(vbuf, v)  # (B, Hkv, S, D)
             if T <= 8 and ctx.bias is not None:
-                return self.o_proj(self._decode(q, k, v, ctx.bias))
+                return self.o_proj(self._fold(self._decode, q, k, v, ctx.bias))
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
         o = F.scaled_dot_product_attention(
@@ -382,17 +398,24 @@ class Attention(nn.Module):
         )  # (B, H, T, D)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def _decode(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-        """A few queries (B, T, H, D) over cached keys and values (B, Hkv, S, D): the G = H / Hkv heads that share a
-        key head fold into its query rows, so nothing is expanded per head. -> (B, T, H * D)."""
+    def _fold(self, attend, q: Tensor, *args) -> Tensor:
+        """A few queries (B, T, H, D): the G = H / Hkv heads that share a key head fold into its query rows, t-major,
+        so nothing is expanded per head; `attend((B, Hkv, T*G, D), *args)` -> the same shape. -> (B, T, H * D)."""
         B, T, H, D = q.shape
-        Hkv, S = k.shape[1], k.shape[2]
+        Hkv = self.n_kv_heads
         G = H // Hkv
-        qq = q.view(B, T, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, T * G, D)  # rows t-major
-        mask = bias.view(B, 1, T, 1, S).expand(B, 1, T, G, S).reshape(B, 1, T * G, S)
-        scores = torch.matmul(qq, k.transpose(-1, -2)) * D**-0.5 + mask  # (B, Hkv, T*G, S)
-        o = torch.matmul(scores.float().softmax(dim=-1).to(v.dtype), v)  # (B, Hkv, T*G, D)
+        o = attend(q.view(B, T, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, T * G, D), *args)
         return o.view(B, Hkv, T, G, D).permute(0, 2, 1, 3, 4).reshape(B, T, H * D)
+
+    @staticmethod
+    def _decode(qq: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """Folded query rows (B, Hkv, T*G, D) over gathered keys and values (B, Hkv, S, D), with `bias` (B, T, 1, S):
+        the twin of the C++ kernel."""
+        B, Hkv, TG, D = qq.shape
+        S, T = k.shape[2], bias.shape[1]
+        mask = bias.view(B, 1, T, 1, S).expand(B, 1, T, TG // T, S).reshape(B, 1, TG, S)
+        scores = torch.matmul(qq, k.transpose(-1, -2)) * D**-0.5 + mask  # (B, Hkv, T*G, S)
+        return torch.matmul(scores.float().softmax(dim=-1).to(v.dtype), v)
 
 
 # --------------------------------------------------------------------------------------------------- MoE

@@ -72,6 +72,27 @@ def stage_work(record: dict) -> dict[str, float | None]:
     return {"trained_tokens": trained, "generated_tokens": generated, "flops": 6 * n * trained + 2 * n * generated}
 
 
+def _scaling_tables(scaling: dict[str, dict]) -> list[str]:
+    """Markdown: majority-vote accuracy against the number of samples, and accuracy against the thinking budget."""
+    lines = []
+    ms = sorted({p["m"] for s in scaling.values() for p in s.get("samples", [])})
+    if ms:
+        lines += ["", "## Test-time scaling", "", "Majority vote over m samples (cons@m; `test_time_scaling.png`):", "",
+                  "| model | " + " | ".join(f"m = {m}" for m in ms) + " |", "|---|" + "---:|" * len(ms)]
+        for name, s in scaling.items():
+            cons = {p["m"]: p["cons"] for p in s.get("samples", [])}
+            lines.append(f"| {name} | " + " | ".join(f"{cons[m]:.3f}" if m in cons else "—" for m in ms) + " |")
+    budgets = sorted({p["budget"] for s in scaling.values() for p in s.get("budget", [])})
+    if budgets:
+        lines += ["", "Accuracy of one sample when the reasoning is capped at B tokens, then closed and answered "
+                  "(`thinking_budget.png`):", "",
+                  "| model | " + " | ".join(f"B = {b}" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+        for name, s in scaling.items():
+            acc = {p["budget"]: p["accuracy"] for p in s.get("budget", [])}
+            lines.append(f"| {name} | " + " | ".join(f"{acc[b]:.3f}" if b in acc else "—" for b in budgets) + " |")
+    return lines
+
+
 def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -202,6 +223,7 @@ def write(recipe, outputs: dict[str, dict], out_dir: Path, console=None) -> dict
     for key, t in targets.items():
         lines.append(f"- {'MET' if t['met'] else 'NOT MET'}: {t['target']}" + (f" ({t['detail']})" if t.get("detail")
                                                                                  else ""))
+    lines += _scaling_tables(scaling)
     lines += ["", "## RL curves", ""]
     for name, curve in curves.items():
         if curve:
@@ -211,8 +233,8 @@ def write(recipe, outputs: dict[str, dict], out_dir: Path, console=None) -> dict
                          f" (slope {_trend(curve):+.3f} tokens/step). Plots: `{name}_reward.png`, "
                          f"`{name}_accuracy.png`, `{name}_mean_response_tokens.png`.")
     lines += ["", "## Cost of each stage", "",
-              "Tokens trained on (forward and backward) and sampled; FLOPs as 6 per active weight per trained token and "
-              "2 per sampled token.", "",
+              "Tokens trained on (forward and backward) and sampled; FLOPs as 6 per active weight per trained token "
+              "and 2 per sampled token.", "",
               "| stage | kind | wall-clock (s) | tokens trained | tokens sampled | FLOPs | cost (USD) |",
               "|---|---|---:|---:|---:|---:|---:|"]
     def num(x, fmt="{:,.0f}"):

@@ -49,7 +49,7 @@ def test_absorbed_equals_naive_with_and_without_cache(in_place, monkeypatch):
 def test_latent_attention_kernel_equals_reference(T, lengths):
     """The one-pass C++ kernel against two matmuls a row: ragged rows in any slots, causal verify rows, and keys
     split into chunks across threads (from 256 keys a chunk) whose partial softmaxes are merged."""
-    if M.latent_attention_op(torch.float32) is M.latent_attention:
+    if M.decode_kernel("latent_attention") is None:
         pytest.skip("no C++ compiler: the kernel is not built and the PyTorch path runs")
     torch.manual_seed(0)
     H, R, D = 5, 24, 24 + 8  # odd widths: vector tails
@@ -65,8 +65,8 @@ def test_latent_attention_kernel_equals_reference(T, lengths):
 def test_a_kernel_that_does_not_build_leaves_the_pytorch_path(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
     monkeypatch.setenv("R1KIT_CACHE", str(tmp_path))
-    with pytest.warns(UserWarning, match="latent_attention.cpp failed"):
-        assert M.kernels._load("latent_attention") is False
+    with pytest.warns(UserWarning, match="decode_attention.cpp failed"):
+        assert M.kernels._load("decode_attention") is False
     assert not list(tmp_path.rglob("*.so"))
 
 
@@ -101,16 +101,43 @@ def test_cache_rows_are_independent_of_batch_neighbours(in_place, monkeypatch):
             torch.testing.assert_close(step[i, 0], alone[0, -1], rtol=1e-5, atol=1e-5)
 
 
-def test_dense_cache_matches_uncached():
+@pytest.mark.parametrize("kernel", [True, False])
+def test_dense_cache_matches_uncached(kernel, monkeypatch):
+    """Decode steps of one token, then of three (a verify step), in the cache rows through the C++ kernel, or over
+    gathered rows."""
+    if not kernel:
+        monkeypatch.setattr(M.kernels, "load", lambda name: False)
     model = M.build(C.tiny_dense(vocab_size=128)).eval()
-    x = torch.randint(0, 128, (2, 20))
+    x = torch.randint(0, 128, (2, 26))
     with torch.no_grad():
         full = model(x)
-        cache = M.KVCache(model.config, 2, 32)
-        steps = [model(x[:, :7], cache=cache)]
+        cache = M.KVCache(model.config, 3, 32)
+        slots = torch.tensor([2, 0])
+        steps = [model(x[:, :7], cache=cache, slots=slots)]
         for t in range(7, 20):
-            steps.append(model(x[:, t : t + 1], positions=torch.full((2, 1), t), cache=cache))
+            steps.append(model(x[:, t : t + 1], positions=torch.full((2, 1), t), cache=cache, slots=slots))
+        for t in range(20, 26, 3):
+            steps.append(model(x[:, t : t + 3], positions=torch.arange(t, t + 3).expand(2, 3), cache=cache,
+                               slots=slots))
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T,lengths", [(1, [1, 300, 2600]), (3, [3, 1030])])
+def test_gqa_attention_kernel_equals_gathered(T, lengths):
+    """The C++ grouped-query kernel against matmuls over gathered rows: ragged rows, causal verify rows, chunks."""
+    if M.decode_kernel("gqa_attention") is None:
+        pytest.skip("no C++ compiler: the kernel is not built and the PyTorch path runs")
+    torch.manual_seed(0)
+    B, Hkv, G, D, L = len(lengths), 2, 3, 20, 2700  # D not a multiple of 8: vector tails
+    k_cache, v_cache = torch.randn(4, Hkv, L, D), torch.randn(4, Hkv, L, D)
+    slots = torch.tensor([3, 0, 1][:B])
+    positions = torch.stack([torch.arange(n - T, n) for n in lengths])
+    q = torch.randn(B, Hkv, T * G, D)
+    got = torch.ops.r1kit_cpu.gqa_attention(q * D**-0.5, k_cache, v_cache, slots, positions)
+    S = max(lengths)
+    bias = torch.where(torch.arange(S) <= positions[..., None], 0.0, float("-inf"))[:, :, None]  # (B, T, 1, S)
+    want = M.Attention._decode(q, k_cache[slots, :, :S], v_cache[slots, :, :S], bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_cache_bytes_per_token_is_the_latent():

@@ -44,7 +44,7 @@ def test_recipe_runs_every_stage_and_writes_the_report(smoke_run):
     assert cost["base"]["trained_tokens"] > 0 and cost["base"]["generated_tokens"] == 0
     assert cost["r1_zero"]["trained_tokens"] > cost["r1_zero"]["generated_tokens"] > 0  # prompts are trained too
     assert cost["eval"]["generated_tokens"] > 0 and cost["eval"]["trained_tokens"] == 0
-    assert "| FLOPs |" in report
+    assert "| FLOPs |" in report and "| B = 2 | B = 6 |" in report and "| m = 1 | m = 2 | m = 4 |" in report
     data = [json.loads(line) for line in (run_dir / "rejection" / "data.jsonl").read_text().splitlines()]
     assert sum(1 for d in data if d["messages"][-1]["reasoning_content"] == "") == 10  # the non-reasoning part
 

@@ -1,12 +1,15 @@
-// Absorbed MLA decode attention on CPU in one pass over each sequence's cache rows (flash-decoding).
+// Decode attention on CPU in one pass over each sequence's cache rows (flash-decoding), for a few query positions.
 //
-// qq (B, T*H, D) float32, t-major query rows, already scaled and folded through W_uk; cache (slots, max_len, D)
-// float32, each row [c_kv (rank) | k_pe]; slots (B,) and positions (B, T) int64. Query row i of batch row b is query
-// t = i / H and sees the keys at positions 0 .. positions[b, t]. Returns (B, T*H, rank): softmax(q k^T) c_kv.
+// r1kit_cpu::latent_attention: absorbed MLA. qq (B, T*H, D) float32, t-major query rows, already scaled and folded
+// through W_uk; cache (slots, max_len, D) float32, each row [c_kv (rank) | k_pe]: the keys, and their first `rank`
+// columns the values. -> (B, T*H, rank).
+// r1kit_cpu::gqa_attention: grouped-query attention. q (B, Hkv, T*G, D) float32, already scaled, the G query heads
+// of each key head folded into its rows (t-major); k_cache, v_cache (slots, Hkv, max_len, D). -> (B, Hkv, T*G, D).
+// In both, slots (B,) and positions (B, T) are int64, and query t of row b sees the keys at 0 .. positions[b, t].
 //
-// The keys of a row are split into chunks across threads; each chunk keeps, per query row, a running maximum, a
-// running sum of exponentials and an unnormalised output (the online softmax); the chunks are merged at the end.
-// Every key row is read once per chunk, for all query rows at once, while it is in L1.
+// Each (row, key head)'s keys are split into chunks across threads. A chunk keeps, per query row, a running maximum,
+// a running sum of exponentials and an unnormalised output (the online softmax); the chunks are merged at the end.
+// Every key is read once per chunk, for all query rows at once, while it is in L1.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -50,7 +53,8 @@ inline void dots(const float* q, const float* keys, int64_t stride, int64_t n, i
   for (int64_t k = 0; k < n; ++k) {
     Vec acc(0.f);
     int64_t d = 0;
-    for (; d + Vec::size() <= D; d += Vec::size()) acc = at::vec::fmadd(Vec::loadu(q + d), Vec::loadu(keys + k * stride + d), acc);
+    for (; d + Vec::size() <= D; d += Vec::size())
+      acc = at::vec::fmadd(Vec::loadu(q + d), Vec::loadu(keys + k * stride + d), acc);
     float s = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
     for (; d < D; ++d) s += q[d] * keys[k * stride + d];
     scores[k] = s;
@@ -95,8 +99,8 @@ inline void accumulate(float* acc, float alpha, const float* p, const float* key
 }
 
 // One chunk [s0, s1) of one batch row: partial (max, sum, unnormalised output) per query row.
-void attend_chunk(const float* q, const float* keys, int64_t rows, int64_t D, int64_t R, const int64_t* visible,
-                  int64_t s0, int64_t s1, float* m, float* l, float* acc) {
+void attend_chunk(const float* q, const float* keys, const float* vals, int64_t rows, int64_t D, int64_t R,
+                  int64_t val_stride, const int64_t* visible, int64_t s0, int64_t s1, float* m, float* l, float* acc) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   std::fill(m, m + rows, neg_inf);
   std::fill(l, l + rows, 0.f);
@@ -121,58 +125,48 @@ void attend_chunk(const float* q, const float* keys, int64_t rows, int64_t D, in
       const float sum = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, p, count);
       l[i] = l[i] * alpha + sum;
       m[i] = m_new;
-      accumulate(acc + i * R, alpha, p, kb, D, count, R);
+      accumulate(acc + i * R, alpha, p, vals + s * val_stride, val_stride, count, R);
     }
   }
 }
 
-at::Tensor latent_attention(const at::Tensor& qq, const at::Tensor& cache, const at::Tensor& slots,
-                            const at::Tensor& positions, int64_t heads, int64_t rank) {
-  TORCH_CHECK(qq.scalar_type() == at::kFloat && cache.scalar_type() == at::kFloat, "float32 only");
-  TORCH_CHECK(cache.is_contiguous() && cache.dim() == 3, "cache must be contiguous (slots, max_len, D)");
-  const auto q = qq.contiguous();
-  const auto sl = slots.to(at::kLong).contiguous();
-  const auto pos = positions.to(at::kLong).contiguous();
-  const int64_t B = q.size(0), rows = q.size(1), D = q.size(2), T = pos.size(1), R = rank;
-  TORCH_CHECK(rows == T * heads && D == cache.size(2) && R <= D, "shape mismatch");
-  const int64_t max_len = cache.size(1);
-  const float* qp = q.data_ptr<float>();
-  const float* cp = cache.data_ptr<float>();
-  const int64_t* slp = sl.data_ptr<int64_t>();
-  const int64_t* pp = pos.data_ptr<int64_t>();
+// One attention problem: a (row, key head)'s query rows over its cache rows.
+struct Problem {
+  const float* q;
+  const float* keys;
+  const float* vals;
+  const int64_t* visible;  // per query row: keys it sees
+  int64_t S;               // keys of the problem (the last query's)
+  float* out;              // (rows, R)
+};
 
-  // Work items: (batch row, chunk of its keys); enough chunks to keep every thread busy on long rows.
-  const int64_t threads = at::get_num_threads();
-  std::vector<int64_t> first(B + 1, 0), chunk_len(B);
-  std::vector<int64_t> visible(B * rows);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t S = pp[b * T + T - 1] + 1;
-    TORCH_CHECK(S <= max_len && slp[b] >= 0 && slp[b] < cache.size(0), "position or slot out of range");
-    for (int64_t i = 0; i < rows; ++i) visible[b * rows + i] = pp[b * T + i / heads] + 1;
-    const int64_t want = std::max<int64_t>(1, (threads + B - 1) / B);
+void attend(const std::vector<Problem>& problems, int64_t rows, int64_t D, int64_t R, int64_t val_stride) {
+  // work items: (problem, chunk of its keys); enough chunks to keep every thread busy on long rows
+  const int64_t P = problems.size(), threads = at::get_num_threads();
+  std::vector<int64_t> first(P + 1, 0), chunk_len(P);
+  for (int64_t b = 0; b < P; ++b) {
+    const int64_t S = problems[b].S;
+    const int64_t want = std::max<int64_t>(1, (threads + P - 1) / P);
     const int64_t chunks = std::max<int64_t>(1, std::min(want, S / kMinChunk));
     chunk_len[b] = (S + chunks - 1) / chunks;
     first[b + 1] = first[b] + (S + chunk_len[b] - 1) / chunk_len[b];
   }
-  const int64_t items = first[B];
+  const int64_t items = first[P];
   std::vector<float> m(items * rows), l(items * rows), acc(items * rows * R);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = std::upper_bound(first.begin(), first.end(), it) - first.begin() - 1;
-      const int64_t S = pp[b * T + T - 1] + 1;
-      const int64_t s0 = (it - first[b]) * chunk_len[b], s1 = std::min(S, s0 + chunk_len[b]);
-      attend_chunk(qp + b * rows * D, cp + slp[b] * max_len * D, rows, D, R, visible.data() + b * rows, s0, s1,
-                   m.data() + it * rows, l.data() + it * rows, acc.data() + it * rows * R);
+      const Problem& pr = problems[b];
+      const int64_t s0 = (it - first[b]) * chunk_len[b], s1 = std::min(pr.S, s0 + chunk_len[b]);
+      attend_chunk(pr.q, pr.keys, pr.vals, rows, D, R, val_stride, pr.visible, s0, s1, m.data() + it * rows,
+                   l.data() + it * rows, acc.data() + it * rows * R);
     }
   });
-
-  auto out = at::empty({B, rows, R}, q.options());
-  float* op = out.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = 0; b < P; ++b) {  // merge the chunks
     for (int64_t i = 0; i < rows; ++i) {
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t c = first[b]; c < first[b + 1]; ++c) mx = std::max(mx, m[c * rows + i]);
-      float* o = op + (b * rows + i) * R;
+      float* o = problems[b].out + i * R;
       std::fill(o, o + R, 0.f);
       float denom = 0.f;
       for (int64_t c = first[b]; c < first[b + 1]; ++c) {
@@ -185,6 +179,67 @@ at::Tensor latent_attention(const at::Tensor& qq, const at::Tensor& cache, const
       for (int64_t d = 0; d < R; ++d) o[d] /= denom;
     }
   }
+}
+
+// Per batch row: its cache slot, its keys' count, and how many keys each of its query rows sees (query t = i / group).
+void rows_of(const at::Tensor& slots, const at::Tensor& positions, int64_t rows, int64_t group, int64_t n_slots,
+             int64_t max_len, std::vector<int64_t>& slot, std::vector<int64_t>& S, std::vector<int64_t>& visible) {
+  const auto sl = slots.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
+  const int64_t B = pos.size(0), T = pos.size(1);
+  TORCH_CHECK(sl.numel() == B && rows == T * group, "shape mismatch");
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  slot.resize(B), S.resize(B), visible.resize(B * rows);
+  for (int64_t b = 0; b < B; ++b) {
+    slot[b] = sp[b], S[b] = pp[b * T + T - 1] + 1;
+    TORCH_CHECK(S[b] <= max_len && slot[b] >= 0 && slot[b] < n_slots, "position or slot out of range");
+    for (int64_t i = 0; i < rows; ++i) visible[b * rows + i] = pp[b * T + i / group] + 1;
+  }
+}
+
+at::Tensor latent_attention(const at::Tensor& qq, const at::Tensor& cache, const at::Tensor& slots,
+                            const at::Tensor& positions, int64_t heads, int64_t rank) {
+  TORCH_CHECK(qq.scalar_type() == at::kFloat && cache.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(cache.is_contiguous() && cache.dim() == 3, "cache must be contiguous (slots, max_len, D)");
+  const auto q = qq.contiguous();
+  const int64_t B = q.size(0), rows = q.size(1), D = q.size(2), max_len = cache.size(1);
+  TORCH_CHECK(D == cache.size(2) && rank <= D, "shape mismatch");
+  std::vector<int64_t> slot, S, visible;
+  rows_of(slots, positions, rows, heads, cache.size(0), max_len, slot, S, visible);
+  auto out = at::empty({B, rows, rank}, q.options());
+  const float* cp = cache.data_ptr<float>();
+  std::vector<Problem> problems;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* rows_b = cp + slot[b] * max_len * D;  // keys, and the values in their first `rank` columns
+    problems.push_back({q.data_ptr<float>() + b * rows * D, rows_b, rows_b, visible.data() + b * rows, S[b],
+                        out.data_ptr<float>() + b * rows * rank});
+  }
+  attend(problems, rows, D, rank, D);
+  return out;
+}
+
+at::Tensor gqa_attention(const at::Tensor& q_, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& slots, const at::Tensor& positions) {
+  TORCH_CHECK(q_.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
+              v_cache.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
+              k_cache.sizes() == v_cache.sizes(), "caches must be contiguous (slots, Hkv, max_len, D)");
+  const auto q = q_.contiguous();
+  const int64_t B = q.size(0), Hkv = q.size(1), rows = q.size(2), D = q.size(3), max_len = k_cache.size(2);
+  TORCH_CHECK(Hkv == k_cache.size(1) && D == k_cache.size(3), "shape mismatch");
+  std::vector<int64_t> slot, S, visible;
+  rows_of(slots, positions, rows, rows / positions.size(1), k_cache.size(0), max_len, slot, S, visible);
+  auto out = at::empty_like(q);
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  std::vector<Problem> problems;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const int64_t at_row = ((slot[b] * Hkv) + g) * max_len * D, qi = (b * Hkv + g) * rows * D;
+      problems.push_back({q.data_ptr<float>() + qi, kp + at_row, vp + at_row, visible.data() + b * rows, S[b],
+                          out.data_ptr<float>() + qi});
+    }
+  attend(problems, rows, D, D, D);
   return out;
 }
 
@@ -193,4 +248,6 @@ at::Tensor latent_attention(const at::Tensor& qq, const at::Tensor& cache, const
 TORCH_LIBRARY(r1kit_cpu, m) {
   m.def("latent_attention(Tensor qq, Tensor cache, Tensor slots, Tensor positions, int heads, int rank) -> Tensor");
   m.impl("latent_attention", c10::DispatchKey::CPU, &latent_attention);
+  m.def("gqa_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions) -> Tensor");
+  m.impl("gqa_attention", c10::DispatchKey::CPU, &gqa_attention);
 }
