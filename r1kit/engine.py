@@ -25,6 +25,7 @@ sampled or greedy, because the target's choice at each position is a fixed funct
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import queue
@@ -99,6 +100,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def per_prompt(self, count: int) -> list[SamplingParams]:
+        """These params for `count` prompts, each with its own seed drawn from this one. A seed is a noise stream,
+        so one seed shared by a batch gives sample j of every prompt the same noise: at the same decision (think or
+        answer at once?) they all choose alike, and the samples of different prompts are not independent."""
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(7), "little")
+        return [dataclasses.replace(self, seed=(seed * 1_000_033 + i * 7_919 + 1) % 2**61) for i in range(count)]
 
 
 @dataclass

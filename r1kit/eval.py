@@ -90,7 +90,7 @@ def evaluate_task(llm: LLM, task: T.Task, cfg: EvalConfig, progress: bool = Fals
         result["greedy"] = sum(right) / len(right)
         result["greedy_se"] = _se(right)
     params = SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                            seed=cfg.seed)
+                            seed=cfg.seed).per_prompt(len(prompts))
     outs = llm.generate(prompts, params, use_tqdm=progress)
     per_problem, lengths, scaling = [], [], {}
     split = {"all_right": 0, "all_wrong": 0, "mixed": 0}  # a majority vote can only gain on the mixed problems

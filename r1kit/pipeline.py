@@ -297,7 +297,7 @@ def _rejection(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
     prompts = [tok.apply_chat_template(e.chat(), add_generation_prompt=True, chat_template=template) for e in examples]
     outs = llm.generate(prompts, SamplingParams(n=s.get("k", 4), temperature=s.get("temperature", 0.7),
                                                 top_p=s.get("top_p", 0.95), max_tokens=s.get("max_tokens", 256),
-                                                seed=s.get("seed", 0)), use_tqdm=True)
+                                                seed=s.get("seed", 0)).per_prompt(len(prompts)), use_tqdm=True)
     prefilled = bool(prompts) and prompts[0].rstrip().endswith("<think>")
     keep = s.get("keep_per_prompt", 1)
     convs, tried, right = [], 0, 0

@@ -184,6 +184,17 @@ def test_prefix_cache_reuses_and_invalidates(mla):
     assert third.outputs[0].token_ids == reference_greedy(model, long + [41, 42], 6)
 
 
+def test_per_prompt_seeds_make_the_samples_of_a_batch_independent(mla):
+    prompt = PROMPTS[2]
+    shared = SamplingParams(n=3, temperature=1.0, max_tokens=12, ignore_eos=True, seed=7)
+    same = LLM(mla).generate([prompt, prompt], shared)  # one noise stream for both: the same samples
+    assert [o.token_ids for o in same[0].outputs] == [o.token_ids for o in same[1].outputs]
+    own = LLM(mla).generate([prompt, prompt], shared.per_prompt(2))
+    assert [o.token_ids for o in own[0].outputs] != [o.token_ids for o in own[1].outputs]
+    again = LLM(mla).generate([prompt, prompt], shared.per_prompt(2))  # and still reproducible
+    assert [[o.token_ids for o in r.outputs] for r in again] == [[o.token_ids for o in r.outputs] for r in own]
+
+
 def test_prefix_cache_serves_every_prompt_its_own_rows_when_slots_turn_over(mla):
     """More prompts than slots, sharing prefixes: one admission places several requests, and a slot handed to one
     (its prefix copied in from another) must not serve a later one as if it still held its old prompt."""

@@ -55,7 +55,8 @@ class ScriptedLLM:
     def generate(self, prompts, params, use_tqdm=False):
         from r1kit.engine import CompletionOutput, RequestOutput
 
-        script = [[g] for g in self.greedy] if params.temperature == 0 else self.samples
+        first = params[0] if isinstance(params, list) else params  # one per prompt, or one for all
+        script = [[g] for g in self.greedy] if first.temperature == 0 else self.samples
         return [RequestOutput(str(i), p, [], [CompletionOutput(j, a if self.raw else f"think </think> \\boxed{{{a}}}",
                                                                [1] * (j + 1))
                                                 for j, a in enumerate(script[i])], True)
