@@ -319,8 +319,9 @@ def _rejection(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
     random.Random(s.get("seed", 0)).shuffle(convs)
     data = _write_jsonl(out / "data.jsonl", ({"messages": m} for m in convs))
     generated = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    n = _active_params(_model_of(s["model"], outputs))
     return {"data": str(data), "samples": tried, "correct_and_well_formed": right, "kept": len(convs),
-            "generated_tokens": generated, "flops": 2 * _active_params(_model_of(s["model"], outputs)) * generated}
+            "generated_tokens": generated, "flops": None if n is None else 2 * n * generated}
 
 
 def _distill(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
@@ -352,18 +353,23 @@ def _eval(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
         path = _model_of(ref, outputs)
         results.update(E.evaluate({name: path}, one, progress=True))
         tokens = sum(r["generated_tokens"] for r in results[name].values())
+        n = _active_params(path)
         generated += tokens
-        flops += 2 * _active_params(path) * tokens
+        flops = None if flops is None or n is None else flops + 2 * n * tokens
     E.write(results, cfg, out / "results.json")
     return {"results": str(out / "results.json"), "generated_tokens": generated, "flops": flops}
 
 
-def _active_params(model_dir: str | Path) -> int:
-    """Weights a token passes through (a forward costs ~2 FLOPs each); the stages' FLOPs are counted with it."""
+def _active_params(model_dir: str | Path) -> int | None:
+    """Weights a token passes through (a forward costs ~2 FLOPs each), for the stages' FLOPs; None when the model
+    is not a checkpoint directory (a preset) or has moved since."""
     from r1kit import config as C
     from r1kit.model import count_params
 
-    return count_params(C.ModelConfig.load(model_dir))[1]
+    try:
+        return count_params(C.ModelConfig.load(model_dir))[1]
+    except (ConfigError, OSError):
+        return None
 
 
 STAGES = {"corpus": _corpus, "pretrain": _train_stage("pretrain"), "sft": _train_stage("sft"),

@@ -16,8 +16,6 @@ from typing import Any
 
 import torch
 
-from r1kit.config import ConfigError
-
 # What the tiny recipe must show (issue #6): (name, description, check on the results)
 TARGETS = [
     ("r1_zero_gain", "R1-Zero raises pass@1 by >= 20 points over the base",
@@ -65,11 +63,9 @@ def stage_work(record: dict) -> dict[str, float | None]:
     generated = sum(rollouts.values())  # the optimizer steps of one rollout share its samples
     from r1kit.pipeline import _active_params
 
-    try:
-        n = _active_params(model)
-    except (ConfigError, OSError):  # the model directory moved since
-        return {"trained_tokens": trained, "generated_tokens": generated, "flops": None}
-    return {"trained_tokens": trained, "generated_tokens": generated, "flops": 6 * n * trained + 2 * n * generated}
+    n = _active_params(model)
+    flops = None if n is None else 6 * n * trained + 2 * n * generated
+    return {"trained_tokens": trained, "generated_tokens": generated, "flops": flops}
 
 
 def _scaling_tables(scaling: dict[str, dict]) -> list[str]:
