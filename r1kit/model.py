@@ -321,7 +321,7 @@ def latent_attention(qq: Tensor, cache: Tensor, slots: Tensor, positions: Tensor
     """Absorbed attention of query rows qq (B, T*H, r + dr), t-major and already scaled, over each row's own cache
     slot (slots, max_len, r + dr), read in place: query t of row b sees the keys at positions up to positions[b, t].
     -> (B, T*H, r). Opaque to torch.compile (the keys' count is only read here). Two matmuls a row, over views of its
-    cache rows: the twin of the one-pass C++ kernel `r1kit_cpu::latent_attention` (csrc/latent_attention.cpp)."""
+    cache rows: the twin of the one-pass C++ kernel `r1kit_cpu::latent_attention` (csrc/decode_attention.cpp)."""
     B, T = positions.shape
     out = qq.new_empty(B, qq.shape[1], rank)
     for b, (slot, last) in enumerate(zip(slots.tolist(), positions[:, -1].tolist())):

@@ -202,8 +202,8 @@ def _sft(cfg: SFTConfig, run: train.Run, on_step) -> dict:
             step += 1
             position += global_batch
             elapsed = time.perf_counter() - t0
-            metrics.update(tokens=float(used.sum()) * run.world_size,
-                           tokens_per_s=float(used.sum()) * run.world_size / elapsed, trained_tokens=counts[0],
+            tokens = float(used.sum()) * run.world_size
+            metrics.update(tokens=tokens, tokens_per_s=tokens / elapsed, trained_tokens=counts[0],
                            step_s=elapsed, data_position=position)
             log.log(step, metrics)
             last = metrics
