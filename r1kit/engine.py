@@ -262,8 +262,8 @@ class Engine:
             # re-checks: the guards and the glue before the graph took 120 of a 1,550 us step, now 60.
             torch._dynamo.config.specialize_float = True
             if self.device.type == "cpu":  # the C++ kernels are built out here: a graph can only read the result
-                for name in ("latent_attention", "gqa_attention"):
-                    M.decode_kernel(name)
+                for name in ("latent_attention", "gqa_attention", "small_linear"):
+                    M.cpu_kernel(name)
 
         def compiled(fn):
             return torch.compile(fn, dynamic=True, options={
@@ -526,12 +526,8 @@ class Engine:
         self._accept(seqs, self._sample(seqs, logits), logits)
 
     def _logits(self, h: Tensor) -> Tensor:
-        """The output head on rows h (N, dim) -> (N, V) fp32. For a few rows, weight x rows^T: MKL's small-M sgemm
-        runs at half speed (measured on 4,096 x 256: 221 -> 133 us for 2 rows, 311 -> 160 us for 4)."""
-        head = self.model.lm_head
-        if h.shape[0] == 1 or h.device.type != "cpu" or head.bias is not None:
-            return head(h).float()
-        return torch.mm(head.weight, h.t()).t().float()
+        """The output head on rows h (N, dim) -> (N, V) fp32 (a few rows on CPU: the small-M kernel, `M.linear`)."""
+        return self.model.lm_head(h).float()
 
     def _sample(self, seqs: list[_Seq], logits: Tensor, offset: int = 0) -> Tensor:
         """One token per row, for each sequence's output step len(out) + offset (a draft or a verified position

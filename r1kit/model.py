@@ -52,14 +52,31 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear, with the decode step's fast path on CPU: without autograd, a float32 projection of up to 32 rows runs
+    in the C++ kernel `small_linear` (csrc/linear.cpp), which hands more rows to BLAS. Its twin is F.linear."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
+        op = cpu_kernel("small_linear")
+        if op is not None:
+            return op(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_proj = Linear(dim, hidden, bias=bias)
+        self.up_proj = Linear(dim, hidden, bias=bias)
+        self.down_proj = Linear(hidden, dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -210,15 +227,15 @@ class MLA(nn.Module):
         self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         qk = self.nope_dim + self.rope_dim
         if c.q_lora_rank is None:
-            self.q_proj = nn.Linear(c.hidden_size, self.n_heads * qk, bias=False)
+            self.q_proj = Linear(c.hidden_size, self.n_heads * qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
-            self.q_b_proj = nn.Linear(c.q_lora_rank, self.n_heads * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + self.rope_dim, bias=c.attention_bias)
+            self.q_b_proj = Linear(c.q_lora_rank, self.n_heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + self.rope_dim, bias=c.attention_bias)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
+        self.kv_b_proj = Linear(c.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
         self.softmax_scale = qk**-0.5
         rs = c.rope_scaling
         if rs is not None and rs["rope_type"] == "yarn" and rs.get("mscale_all_dim"):
@@ -341,25 +358,31 @@ def _latent_attention_fake(qq: Tensor, cache: Tensor, slots: Tensor, positions: 
     return qq.new_empty(qq.shape[0], qq.shape[1], rank)
 
 
-def decode_kernel(name: str, cache: Tensor | None = None):
-    """The C++ decode-attention op `name` (csrc/decode_attention.cpp: one pass over the keys, split across threads)
-    when it can serve `cache` (float32, contiguous, on CPU) and has been built; else None."""
-    if cache is not None and (cache.dtype != torch.float32 or not cache.is_contiguous() or cache.device.type != "cpu"):
-        return None
-    lib = "decode_attention"
+def cpu_kernel(name: str):
+    """The C++ op `r1kit_cpu.<name>` (built from csrc/, see `kernels`) when it has been built; else None."""
+    lib = _KERNELS[name][0]
     built = kernels.LOADED.get(lib) if torch.compiler.is_compiling() else kernels.load(lib)
     if not built:
         return None
     op = getattr(torch.ops.r1kit_cpu, name)
     if not getattr(op, "_r1kit_fake", False):  # shapes for torch.compile, registered once
-        torch.library.register_fake(f"r1kit_cpu::{name}")(_KERNEL_SHAPES[name])
+        torch.library.register_fake(f"r1kit_cpu::{name}")(_KERNELS[name][1])
         op._r1kit_fake = True
     return op
 
 
-_KERNEL_SHAPES = {
-    "latent_attention": _latent_attention_fake,
-    "gqa_attention": lambda q, k_cache, v_cache, slots, positions: torch.empty_like(q),
+def decode_kernel(name: str, cache: Tensor | None = None):
+    """The C++ decode-attention op `name` (csrc/decode_attention.cpp: one pass over the keys, split across threads)
+    when it can serve `cache` (float32, contiguous, on CPU) and has been built; else None."""
+    if cache is not None and (cache.dtype != torch.float32 or not cache.is_contiguous() or cache.device.type != "cpu"):
+        return None
+    return cpu_kernel(name)
+
+
+_KERNELS = {  # op -> (source file in csrc/, its shapes for torch.compile)
+    "latent_attention": ("decode_attention", _latent_attention_fake),
+    "gqa_attention": ("decode_attention", lambda q, k_cache, v_cache, slots, positions: torch.empty_like(q)),
+    "small_linear": ("linear", lambda x, w, bias: x.new_empty(*x.shape[:-1], w.shape[0])),
 }
 
 
@@ -371,10 +394,10 @@ class Attention(nn.Module):
         c = config
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=c.qkv_bias)
-        self.k_proj = nn.Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=c.qkv_bias)
-        self.v_proj = nn.Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.q_proj = Linear(c.hidden_size, self.n_heads * self.head_dim, bias=c.qkv_bias)
+        self.k_proj = Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=c.qkv_bias)
+        self.v_proj = Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=c.qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
 
     def forward(self, x: Tensor, ctx: Context) -> Tensor:
         B, T, _ = x.shape
@@ -671,7 +694,7 @@ class MTPLayer(Block):
         D = config.hidden_size
         self.enorm = RMSNorm(D, config.rms_norm_eps)
         self.hnorm = RMSNorm(D, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.eh_proj = Linear(2 * D, D, bias=False)
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(D, config.rms_norm_eps)
 
@@ -691,7 +714,7 @@ class Transformer(nn.Module):
         self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.model.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
         self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.hidden_size, c.vocab_size, bias=False)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # MTP modules share the embedding and output head with the main model (V3 §2.2).

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import r1kit.model as M
 from r1kit import config as C
@@ -60,6 +61,41 @@ def test_latent_attention_kernel_equals_reference(T, lengths):
     got = torch.ops.r1kit_cpu.latent_attention(qq, cache, slots, positions, H, R)
     want = M.latent_attention(qq, cache, slots, positions, H, R)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 16, 32, 33])
+@pytest.mark.parametrize("N,K,bias", [(64, 256, True), (13, 24, False), (40, 20, True)])
+def test_small_linear_kernel_equals_f_linear(rows, N, K, bias):
+    """The decode step's C++ projection against F.linear: odd row counts (a row left over from the pairs), weight
+    rows not a multiple of eight, K not a multiple of eight (the scalar path), batched and strided inputs, and more
+    rows than the kernel takes (handed to BLAS)."""
+    assert M.cpu_kernel("small_linear") is not None, "the C++ linear kernel did not build"
+    torch.manual_seed(rows)
+    w, b = torch.randn(N, K), torch.randn(N) if bias else None
+    x = torch.randn(rows, 2 * K)[:, ::2]  # not contiguous
+    tol = dict(rtol=1e-5, atol=1e-4)  # sums of K products of unit normals: a term left out would be ~1
+    torch.testing.assert_close(torch.ops.r1kit_cpu.small_linear(x, w, b), F.linear(x, w, b), **tol)
+    x3 = torch.randn(1, rows, K)
+    torch.testing.assert_close(torch.ops.r1kit_cpu.small_linear(x3, w, b), F.linear(x3, w, b), **tol)
+
+
+def test_linear_takes_the_kernel_only_without_autograd(monkeypatch):
+    """Training keeps F.linear and its gradients; a no-grad call of a few rows goes to the kernel."""
+    calls = []
+    real = M.cpu_kernel
+
+    def spy(name):
+        op = real(name)
+        return (lambda *a: calls.append(name) or op(*a)) if op is not None else None
+
+    monkeypatch.setattr(M, "cpu_kernel", spy)
+    layer = M.Linear(16, 8)
+    x = torch.randn(4, 16)
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and calls == []
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert calls == ["small_linear"]
 
 
 def test_a_kernel_that_does_not_build_leaves_the_pytorch_path(monkeypatch, tmp_path):

@@ -245,7 +245,7 @@ at::Tensor gqa_attention(const at::Tensor& q_, const at::Tensor& k_cache, const 
 
 }  // namespace
 
-TORCH_LIBRARY(r1kit_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(r1kit_cpu, m) {
   m.def("latent_attention(Tensor qq, Tensor cache, Tensor slots, Tensor positions, int heads, int rank) -> Tensor");
   m.impl("latent_attention", c10::DispatchKey::CPU, &latent_attention);
   m.def("gqa_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor positions) -> Tensor");
