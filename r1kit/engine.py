@@ -262,7 +262,7 @@ class Engine:
             # re-checks: the guards and the glue before the graph took 120 of a 1,550 us step, now 60.
             torch._dynamo.config.specialize_float = True
             if self.device.type == "cpu":  # the C++ kernels are built out here: a graph can only read the result
-                for name in ("latent_attention", "gqa_attention", "small_linear"):
+                for name in ("latent_attention", "gqa_attention", "small_linear", "small_experts"):
                     M.cpu_kernel(name)
 
         def compiled(fn):

@@ -203,8 +203,14 @@ def test_grouped_experts_equal_looped(kw):
             torch.testing.assert_close(g1[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("tokens", [1, 3, 64, 3000])  # grouped matmuls (1, 3000), every expert on every token
-def test_inference_experts_equal_looped(tokens):
+def test_inference_experts_equal_looped(tokens, kernel, monkeypatch):
+    """No-grad CPU experts, through the C++ kernel (up to 128 pairs an expert, so not 3000 tokens) or PyTorch."""
+    if kernel:
+        assert M.cpu_kernel("small_experts") is not None, "the C++ experts kernel did not build"
+    else:
+        monkeypatch.setattr(M.kernels, "load", lambda name: False)
     experts = M.build(small()).model.layers[1].mlp.experts
     x = torch.randn(tokens, experts.gate_up_proj.shape[-1])
     gate = torch.randn(tokens, experts.n_experts)
@@ -214,11 +220,20 @@ def test_inference_experts_equal_looped(tokens):
         torch.testing.assert_close(fast, experts.looped(x, weights, indices), rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_inference_experts_equal_looped():
-    """A compiled decode step runs few (token, expert) pairs as fused product-sums over the picked weights."""
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_compiled_inference_experts_equal_looped(tokens, kernel, monkeypatch):
+    """A compiled step runs a few (token, expert) pairs as fused product-sums over the picked weights, and more
+    (past 8 an expert) through the C++ kernel, or without it through the eager paths."""
+    if kernel:  # built before compiling, as the engine does: a graph only reads whether it was
+        assert M.cpu_kernel("small_experts") is not None, "the C++ experts kernel did not build"
+    else:
+        monkeypatch.setattr(M.kernels, "LOADED", {})
+        monkeypatch.setattr(M.kernels, "load", lambda name: False)
+    torch._dynamo.reset()
     experts = M.build(small()).model.layers[1].mlp.experts
-    x = torch.randn(3, experts.gate_up_proj.shape[-1])
-    weights, indices = torch.randn(3, experts.n_experts).softmax(-1).topk(2, dim=-1)
+    x = torch.randn(tokens, experts.gate_up_proj.shape[-1])
+    weights, indices = torch.randn(tokens, experts.n_experts).softmax(-1).topk(2, dim=-1)
     with torch.no_grad():
         fast = torch.compile(experts.inference, dynamic=False)(x, weights, indices)
         torch.testing.assert_close(fast, experts.looped(x, weights, indices), rtol=1e-5, atol=1e-5)

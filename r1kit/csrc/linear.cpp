@@ -1,4 +1,7 @@
-// y = x w^T + b for the few rows of a decode step on CPU: r1kit_cpu::small_linear(x (..., K), w (N, K), b (N,)?).
+// The few rows of a decode step times a weight matrix, on CPU:
+// r1kit_cpu::small_linear(x (..., K), w (N, K), b (N,)?) -> x w^T + b;
+// r1kit_cpu::small_experts(x (T, D), gate_up (E, 2I, D), down (E, D, I), indices (T, k), weights (T, k)) -> (T, D):
+// routed SwiGLU experts, each expert's weights read once for all the tokens that picked it.
 //
 // At a handful of rows a projection is a stream of weights with little arithmetic on each, and BLAS's small-M
 // paths run it well below the machine's FMA rate (bench/generate.py). Here each thread takes a run of eight weight
@@ -9,6 +12,9 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
 
 #if defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -41,29 +47,6 @@ inline void tile2x4(const float* x0, const float* x1, const float* w, int64_t K,
   _mm_storeu_ps(y1, sum4(b0, b1, b2, b3));
 }
 
-// Rows x0..x3 by weight rows w[0..2] -> y[r * ldy + j]: twelve accumulators, three weight and one x register.
-inline void tile4x3(const float* x, int64_t K, const float* w, float* y, int64_t ldy) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, b0 = a0, b1 = a0, b2 = a0;
-  __m256 c0 = a0, c1 = a0, c2 = a0, d0 = a0, d1 = a0, d2 = a0;
-  for (int64_t k = 0; k < K; k += 8) {
-    const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + K + k), w2 = _mm256_loadu_ps(w + 2 * K + k);
-    __m256 u = _mm256_loadu_ps(x + k);
-    a0 = _mm256_fmadd_ps(u, w0, a0), a1 = _mm256_fmadd_ps(u, w1, a1), a2 = _mm256_fmadd_ps(u, w2, a2);
-    u = _mm256_loadu_ps(x + K + k);
-    b0 = _mm256_fmadd_ps(u, w0, b0), b1 = _mm256_fmadd_ps(u, w1, b1), b2 = _mm256_fmadd_ps(u, w2, b2);
-    u = _mm256_loadu_ps(x + 2 * K + k);
-    c0 = _mm256_fmadd_ps(u, w0, c0), c1 = _mm256_fmadd_ps(u, w1, c1), c2 = _mm256_fmadd_ps(u, w2, c2);
-    u = _mm256_loadu_ps(x + 3 * K + k);
-    d0 = _mm256_fmadd_ps(u, w0, d0), d1 = _mm256_fmadd_ps(u, w1, d1), d2 = _mm256_fmadd_ps(u, w2, d2);
-  }
-  float t[12];
-  _mm_storeu_ps(t, sum4(a0, a1, a2, b0));
-  _mm_storeu_ps(t + 4, sum4(b1, b2, c0, c1));
-  _mm_storeu_ps(t + 8, sum4(c2, d0, d1, d2));
-  for (int r = 0; r < 4; ++r)
-    for (int j = 0; j < 3; ++j) y[r * ldy + j] = t[r * 3 + j];
-}
-
 // Row x0 by weight rows w[0..7] -> y0[0..7]: eight FMA chains side by side.
 inline void tile1x8(const float* x0, const float* w, int64_t K, float* y0) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
@@ -90,6 +73,36 @@ inline float dot(const float* a, const float* b, int64_t K) {
   return s;
 }
 
+// Y[m, n0 : n0 + nn] = rows[m] . W[n0 + j] (+ bias) for the rows m < M (each K long, anywhere), nn <= 8.
+inline void block(const float* const* rows, int64_t M, const float* W, int64_t n0, int64_t nn, int64_t K,
+                  const float* bias, float* Y, int64_t ldy) {
+  const float* wb = W + n0 * K;
+  float t0[8], t1[8];
+  int64_t m = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  if (nn == 8 && K % 8 == 0) {
+    for (; m + 2 <= M; m += 2) {
+      tile2x4(rows[m], rows[m + 1], wb, K, t0, t1);
+      tile2x4(rows[m], rows[m + 1], wb + 4 * K, K, t0 + 4, t1 + 4);
+      for (int j = 0; j < 8; ++j) {
+        Y[m * ldy + n0 + j] = t0[j] + (bias ? bias[n0 + j] : 0.f);
+        Y[(m + 1) * ldy + n0 + j] = t1[j] + (bias ? bias[n0 + j] : 0.f);
+      }
+    }
+    if (m < M) {
+      tile1x8(rows[m], wb, K, t0);
+      for (int j = 0; j < 8; ++j) Y[m * ldy + n0 + j] = t0[j] + (bias ? bias[n0 + j] : 0.f);
+      ++m;
+    }
+  }
+#endif
+  for (; m < M; ++m)
+    for (int64_t j = 0; j < nn; ++j) Y[m * ldy + n0 + j] = dot(rows[m], wb + j * K, K) + (bias ? bias[n0 + j] : 0.f);
+}
+
+// about 64k multiply-adds a thread at least: a smaller share costs more to hand out than it saves
+inline int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, work_per_item)); }
+
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.dim() == 2 && x.size(-1) == w.size(1), "small_linear: x (..., K) and w (N, K) expected");
   const int64_t K = w.size(1), N = w.size(0), M = K ? x.numel() / K : 0;
@@ -100,60 +113,78 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   at::Tensor y = at::empty(sizes, x.options());
-  const float* X = xc.data_ptr<float>();
+  std::vector<const float*> rows(M);
+  for (int64_t m = 0; m < M; ++m) rows[m] = xc.data_ptr<float>() + m * K;
   const float* W = wc.data_ptr<float>();
-  const float* Bias = bias ? bias->data_ptr<float>() : nullptr;
+  const float* B = bias ? bias->data_ptr<float>() : nullptr;
   float* Y = y.data_ptr<float>();
-
-  const int64_t blocks = (N + 7) / 8;
-  // about 64k multiply-adds a thread at least: a smaller share costs more to hand out than it saves
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 8 * M * K));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    float t0[8], t1[8];
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t n0 = blk * 8, nn = std::min<int64_t>(8, N - n0);
-      const float* wb = W + n0 * K;
-      int64_t m = 0;
-#if defined(CPU_CAPABILITY_AVX2)
-      if (nn == 8 && K % 8 == 0) {
-        for (; m + 2 <= M; m += 2) {
-          tile2x4(X + m * K, X + (m + 1) * K, wb, K, t0, t1);
-          tile2x4(X + m * K, X + (m + 1) * K, wb + 4 * K, K, t0 + 4, t1 + 4);
-          for (int j = 0; j < 8; ++j) {
-            Y[m * N + n0 + j] = t0[j] + (Bias ? Bias[n0 + j] : 0.f);
-            Y[(m + 1) * N + n0 + j] = t1[j] + (Bias ? Bias[n0 + j] : 0.f);
-          }
-        }
-        if (m < M) {
-          tile1x8(X + m * K, wb, K, t0);
-          for (int j = 0; j < 8; ++j) Y[m * N + n0 + j] = t0[j] + (Bias ? Bias[n0 + j] : 0.f);
-          ++m;
-        }
-      }
-#endif
-      for (; m < M; ++m)
-        for (int64_t j = 0; j < nn; ++j)
-          Y[m * N + n0 + j] = dot(X + m * K, wb + j * K, K) + (Bias ? Bias[n0 + j] : 0.f);
-    }
+  at::parallel_for(0, (N + 7) / 8, grain(8 * M * K), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) block(rows.data(), M, W, b * 8, std::min<int64_t>(8, N - b * 8), K, B, Y, N);
   });
   return y;
 }
 
-
-at::Tensor small_linear43(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  const int64_t K = w.size(1), N = w.size(0), M = x.numel() / K;
-  at::Tensor y = at::empty({M, N}, x.options());
-  const float* X = x.data_ptr<float>(); const float* W = w.data_ptr<float>(); float* Y = y.data_ptr<float>();
-  const int64_t blocks = N / 12;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 12 * M * K));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t n0 = blk * 12;
-      for (int64_t m = 0; m + 4 <= M; m += 4)
-        for (int j = 0; j < 12; j += 3) tile4x3(X + m * K, K, W + (n0 + j) * K, Y + m * N + n0 + j, N);
+at::Tensor small_experts(const at::Tensor& x_, const at::Tensor& gate_up_, const at::Tensor& down_,
+                         const at::Tensor& indices_, const at::Tensor& weights_) {
+  TORCH_CHECK(x_.scalar_type() == at::kFloat && gate_up_.scalar_type() == at::kFloat &&
+              down_.scalar_type() == at::kFloat, "small_experts: float32 only");
+  const at::Tensor x = x_.contiguous(), gate_up = gate_up_.contiguous(), down = down_.contiguous();
+  const at::Tensor indices = indices_.to(at::kLong).contiguous(), weights = weights_.to(at::kFloat).contiguous();
+  const int64_t T = x.size(0), D = x.size(1), E = gate_up.size(0), I2 = gate_up.size(1), I = I2 / 2, k = indices.size(1);
+  TORCH_CHECK(gate_up.size(2) == D && down.size(0) == E && down.size(1) == D && down.size(2) == I &&
+              indices.size(0) == T && weights.sizes() == indices.sizes(), "small_experts: shape mismatch");
+  // the (token, expert) pairs grouped by expert: expert g's pairs are pair[start[g] : start[g + 1]]
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  std::vector<int64_t> count(E, 0), start(E + 1, 0), pair(T * k);
+  for (int64_t p = 0; p < T * k; ++p) {
+    TORCH_CHECK(idx[p] >= 0 && idx[p] < E, "small_experts: expert index out of range");
+    ++count[idx[p]];
+  }
+  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + count[e];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t p = 0; p < T * k; ++p) pair[fill[idx[p]]++] = p;
+  std::vector<int64_t> used;  // experts with at least one pair
+  for (int64_t e = 0; e < E; ++e)
+    if (count[e]) used.push_back(e);
+  const int64_t U = used.size(), P = T * k;
+  // rows of x for each pair, in expert order; h, the activation, then each pair's output
+  std::vector<const float*> xrows(P), arows(P);
+  for (int64_t j = 0; j < P; ++j) xrows[j] = x.data_ptr<float>() + (pair[j] / k) * D;
+  std::vector<float> h(P * I2), act(P * I), ys(P * D);
+  for (int64_t j = 0; j < P; ++j) arows[j] = act.data() + j * I;
+  const float* GU = gate_up.data_ptr<float>();
+  const float* DN = down.data_ptr<float>();
+  // gate+up: work items are (expert, block of 8 of its 2I weight rows)
+  const int64_t gb = (I2 + 7) / 8;
+  at::parallel_for(0, U * gb, grain(8 * D * std::max<int64_t>(1, P / std::max<int64_t>(1, U))), [&](int64_t b0, int64_t b1) {
+    for (int64_t it = b0; it < b1; ++it) {
+      const int64_t e = used[it / gb], n0 = (it % gb) * 8, s = start[e];
+      block(xrows.data() + s, count[e], GU + e * I2 * D, n0, std::min<int64_t>(8, I2 - n0), D, nullptr,
+            h.data() + s * I2, I2);
     }
   });
-  return y;
+  for (int64_t j = 0; j < P; ++j)
+    for (int64_t i = 0; i < I; ++i) {
+      const float g = h[j * I2 + i];
+      act[j * I + i] = g / (1.f + std::exp(-g)) * h[j * I2 + I + i];
+    }
+  const int64_t db = (D + 7) / 8;
+  at::parallel_for(0, U * db, grain(8 * I * std::max<int64_t>(1, P / std::max<int64_t>(1, U))), [&](int64_t b0, int64_t b1) {
+    for (int64_t it = b0; it < b1; ++it) {
+      const int64_t e = used[it / db], n0 = (it % db) * 8, s = start[e];
+      block(arows.data() + s, count[e], DN + e * D * I, n0, std::min<int64_t>(8, D - n0), I, nullptr,
+            ys.data() + s * D, D);
+    }
+  });
+  at::Tensor out = at::zeros({T, D}, x.options());
+  float* O = out.data_ptr<float>();
+  const float* wt = weights.data_ptr<float>();
+  for (int64_t j = 0; j < P; ++j) {  // each token's pairs, weighted, in expert order
+    const float w = wt[pair[j]];
+    float* o = O + (pair[j] / k) * D;
+    for (int64_t d = 0; d < D; ++d) o[d] += w * ys[j * D + d];
+  }
+  return out;
 }
 
 }  // namespace
@@ -161,6 +192,6 @@ at::Tensor small_linear43(const at::Tensor& x, const at::Tensor& w, const c10::o
 TORCH_LIBRARY_FRAGMENT(r1kit_cpu, m) {
   m.def("small_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.impl("small_linear", c10::DispatchKey::CPU, &small_linear);
-  m.def("small_linear43(Tensor x, Tensor w, Tensor? bias) -> Tensor");
-  m.impl("small_linear43", c10::DispatchKey::CPU, &small_linear43);
+  m.def("small_experts(Tensor x, Tensor gate_up, Tensor down, Tensor indices, Tensor weights) -> Tensor");
+  m.impl("small_experts", c10::DispatchKey::CPU, &small_experts);
 }
