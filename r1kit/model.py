@@ -18,6 +18,8 @@ What is implemented, with the paper sections:
 - RoPE in DeepSeek's interleaved-pair layout or Llama's half layout, with YaRN (and its attention mscale),
   Llama-3 and linear scaling.
 - Dense Qwen2 / Llama blocks (GQA, SwiGLU, optional QKV bias, tied embeddings) for distillation students.
+- CPU decoding: no-grad steps of a few rows run their projections, routed experts and cached attention in C++
+  (r1kit/csrc, built by `kernels` on first use); the PyTorch code here is each kernel's twin and fallback.
 
 Module attribute names equal Hugging Face checkpoint keys (`model.layers.3.self_attn.kv_b_proj.weight`), except
 routed experts, which are stacked into 3-D tensors for grouped compute (`checkpoint.py` maps them), and MTP
