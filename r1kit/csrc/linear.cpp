@@ -124,6 +124,21 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
   return y;
 }
 
+// Y[s : s + count[e]] = rows[s : s + count[e]] W[e]^T (W: (E, N, K)), s = start[e], for every expert e in `used`;
+// the work items are (expert, block of 8 of its weight rows).
+void experts_times(const std::vector<int64_t>& used, const std::vector<int64_t>& start,
+                   const std::vector<int64_t>& count, const float* const* rows, const float* W, int64_t N, int64_t K,
+                   float* Y) {
+  const int64_t U = used.size(), blocks = (N + 7) / 8;
+  const int64_t rows_each = U ? std::max<int64_t>(1, start.back() / U) : 1;  // pairs an expert, on average
+  at::parallel_for(0, U * blocks, grain(8 * K * rows_each), [&](int64_t b0, int64_t b1) {
+    for (int64_t it = b0; it < b1; ++it) {
+      const int64_t e = used[it / blocks], n0 = (it % blocks) * 8, s = start[e];
+      block(rows + s, count[e], W + e * N * K, n0, std::min<int64_t>(8, N - n0), K, nullptr, Y + s * N, N);
+    }
+  });
+}
+
 at::Tensor small_experts(const at::Tensor& x_, const at::Tensor& gate_up_, const at::Tensor& down_,
                          const at::Tensor& indices_, const at::Tensor& weights_) {
   TORCH_CHECK(x_.scalar_type() == at::kFloat && gate_up_.scalar_type() == at::kFloat &&
@@ -146,36 +161,19 @@ at::Tensor small_experts(const at::Tensor& x_, const at::Tensor& gate_up_, const
   std::vector<int64_t> used;  // experts with at least one pair
   for (int64_t e = 0; e < E; ++e)
     if (count[e]) used.push_back(e);
-  const int64_t U = used.size(), P = T * k;
+  const int64_t P = T * k;
   // rows of x for each pair, in expert order; h, the activation, then each pair's output
   std::vector<const float*> xrows(P), arows(P);
   for (int64_t j = 0; j < P; ++j) xrows[j] = x.data_ptr<float>() + (pair[j] / k) * D;
   std::vector<float> h(P * I2), act(P * I), ys(P * D);
   for (int64_t j = 0; j < P; ++j) arows[j] = act.data() + j * I;
-  const float* GU = gate_up.data_ptr<float>();
-  const float* DN = down.data_ptr<float>();
-  // gate+up: work items are (expert, block of 8 of its 2I weight rows)
-  const int64_t gb = (I2 + 7) / 8;
-  at::parallel_for(0, U * gb, grain(8 * D * std::max<int64_t>(1, P / std::max<int64_t>(1, U))), [&](int64_t b0, int64_t b1) {
-    for (int64_t it = b0; it < b1; ++it) {
-      const int64_t e = used[it / gb], n0 = (it % gb) * 8, s = start[e];
-      block(xrows.data() + s, count[e], GU + e * I2 * D, n0, std::min<int64_t>(8, I2 - n0), D, nullptr,
-            h.data() + s * I2, I2);
-    }
-  });
+  experts_times(used, start, count, xrows.data(), gate_up.data_ptr<float>(), I2, D, h.data());
   for (int64_t j = 0; j < P; ++j)
     for (int64_t i = 0; i < I; ++i) {
       const float g = h[j * I2 + i];
       act[j * I + i] = g / (1.f + std::exp(-g)) * h[j * I2 + I + i];
     }
-  const int64_t db = (D + 7) / 8;
-  at::parallel_for(0, U * db, grain(8 * I * std::max<int64_t>(1, P / std::max<int64_t>(1, U))), [&](int64_t b0, int64_t b1) {
-    for (int64_t it = b0; it < b1; ++it) {
-      const int64_t e = used[it / db], n0 = (it % db) * 8, s = start[e];
-      block(arows.data() + s, count[e], DN + e * D * I, n0, std::min<int64_t>(8, D - n0), I, nullptr,
-            ys.data() + s * D, D);
-    }
-  });
+  experts_times(used, start, count, arows.data(), down.data_ptr<float>(), D, I, ys.data());
   at::Tensor out = at::zeros({T, D}, x.options());
   float* O = out.data_ptr<float>();
   const float* wt = weights.data_ptr<float>();
