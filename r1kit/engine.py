@@ -262,7 +262,8 @@ class Engine:
             # re-checks: the guards and the glue before the graph took 120 of a 1,550 us step, now 60.
             torch._dynamo.config.specialize_float = True
             if self.device.type == "cpu":  # the C++ kernels are built out here: a graph can only read the result
-                for name in ("latent_attention", "gqa_attention", "small_linear", "small_experts"):
+                for name in ("latent_attention", "gqa_attention", "small_linear", "small_linear2", "small_linear3",
+                             "small_experts"):
                     M.cpu_kernel(name)
 
         def compiled(fn):
@@ -270,7 +271,14 @@ class Engine:
                 "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
                 "cpp_wrapper": self.device.type == "cpu"}) if compile else fn  # the graph's glue in C++, not Python
 
-        # decode (one token a row) and verify (k + 1) share one compiled function; MTP and its drafts are another
+        def decode_step(tokens: Tensor, positions: Tensor, cache: M.KVCache, slots: Tensor, kv_len: int, greedy: bool):
+            """One token a row -> fp32 logits (B, V), and their argmax when every row is greedy: the head and the
+            pick are in the graph too, not two eager calls after it."""
+            logits = model(tokens, positions=positions, cache=cache, slots=slots, kv_len=kv_len)[:, -1].float()
+            return logits, logits.argmax(dim=-1) if greedy else None
+
+        # plain decoding, verify (k + 1 positions) and MTP's draft chain: three compiled functions
+        self._decode_step = compiled(decode_step)
         self._forward, self._drafts = compiled(model.forward), compiled(self._draft_chain)
         self._compiled = compile
         cfg = model.config
@@ -360,15 +368,18 @@ class Engine:
 
     # -- the step ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """Admit and prefill what fits, then decode one token (or verify one draft) for every running sequence.
-        Returns the current state of every request that changed this step; finished ones are forgotten."""
+        Returns the current state of every request that changed this step (only of those that finished, with
+        `finished_only`: a caller that does not stream skips building the others); finished ones are forgotten."""
         was_training = self.model.training
         if was_training:  # (a walk over every module: not every step when the caller keeps the model in eval)
             self.model.eval()
         try:
-            if self.enable_prefix_caching and self._version() != self._weights_version:
-                self.reset_prefix_cache()  # weights changed: cached K/V are stale
+            # weights changed: cached K/V are stale. Only admission reuses them, so only then is it worth the walk
+            # over every parameter
+            if self.enable_prefix_caching and self.waiting and self._version() != self._weights_version:
+                self.reset_prefix_cache()
             touched = self._admit()
             decoding = list(self.running)  # every running sequence has a sampled token to feed
             if decoding:
@@ -383,10 +394,11 @@ class Engine:
                 self.model.train()
         outputs = []
         for req in touched:
-            out = req.output()
-            outputs.append(out)
-            if out.finished:
+            finished = all(s.finish_reason is not None for s in req.seqs)
+            if finished:
                 self.requests.pop(req.request_id, None)
+            if finished or not finished_only:
+                outputs.append(req.output())
         return outputs
 
     def _kv_len(self, n: int) -> int:
@@ -513,17 +525,20 @@ class Engine:
 
     # -- decoding ----------------------------------------------------------------------------------------------
     def _decode(self, seqs: list[_Seq]) -> None:
-        tokens = torch.tensor([[s.pending] for s in seqs], device=self.device)
-        positions = torch.tensor([[s.pos] for s in seqs], device=self.device)
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        hidden = self._forward(tokens, positions=positions, cache=self.cache, slots=slots,
-                               kv_len=self._kv_len(max(s.pos for s in seqs) + 1), head=False)
-        logits = self._logits(hidden[:, -1])
+        tokens = torch.tensor([s.pending for s in seqs])
+        positions = torch.tensor([s.pos for s in seqs])
+        slots = torch.tensor([s.slot for s in seqs])
+        params = [s.request.params for s in seqs]
+        # the pick in the graph when nothing is left to the host: every row greedy, no min_tokens ban this step
+        greedy = all(p.greedy and len(s.out) >= p.min_tokens for s, p in zip(seqs, params))
+        dev = self.device
+        logits, picked = self._decode_step(tokens.to(dev)[:, None], positions.to(dev)[:, None], self.cache,
+                                           slots.to(dev), self._kv_len(max(s.pos for s in seqs) + 1), greedy)
+        self.slot_tokens[slots, positions] = tokens  # what each slot's cache rows hold, for prefix reuse
         for s in seqs:
-            self.slot_tokens[s.slot, s.pos] = s.pending
             s.pos += 1
             self.slot_valid[s.slot] = s.pos
-        self._accept(seqs, self._sample(seqs, logits), logits)
+        self._accept(seqs, picked if greedy else self._sample(seqs, logits), logits)
 
     def _logits(self, h: Tensor) -> Tensor:
         """The output head on rows h (N, dim) -> (N, V) fp32 (a few rows on CPU: the small-M kernel, `M.linear`)."""
@@ -797,7 +812,7 @@ class LLM:
             task = progress.add_task("generate", total=len(ids))
         try:
             while len(done) < len(ids):
-                for out in engine.step():
+                for out in engine.step(finished_only=True):
                     if out.finished:
                         done[out.request_id] = out
                         if progress:

@@ -62,13 +62,27 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def _small_rows_kernel(name: str, x: Tensor, weight: Tensor):
+    """The kernel `name` when x @ weight.T can take it: float32 on CPU, no autograd; else None."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))):
-        op = cpu_kernel("small_linear")
-        if op is not None:
-            return op(x, weight, bias)
-    return F.linear(x, weight, bias)
+        return cpu_kernel(name)
+    return None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    op = _small_rows_kernel("small_linear", x, weight)
+    return op(x, weight, bias) if op is not None else F.linear(x, weight, bias)
+
+
+def linears(x: Tensor, *projections: nn.Linear) -> list[Tensor]:
+    """x through several projections of one input (q / k / v, gate / up). On the decode path one kernel call
+    (`small_linear2` / `small_linear3`) splits the blocks of all their weights across the threads together; else
+    each module."""
+    op = _small_rows_kernel(f"small_linear{len(projections)}", x, projections[0].weight)
+    if op is not None:
+        return list(op(x, *[t for p in projections for t in (p.weight, p.bias)]))
+    return [p(x) for p in projections]
 
 
 class MLP(nn.Module):
@@ -81,7 +95,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(hidden, dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linears(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 # ----------------------------------------------------------------------------------------------------- RoPE
@@ -256,13 +271,14 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         H, r = self.n_heads, self.kv_lora_rank
         if self.q_lora_rank is None:
-            q = self.q_proj(x)
+            q, kv = linears(x, self.q_proj, self.kv_a_proj_with_mqa)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q, kv = linears(x, self.q_a_proj, self.kv_a_proj_with_mqa)
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(B, T, H, self.nope_dim + self.rope_dim)  # (B, T, H, dn + dr)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = apply_rope(q_pe, ctx.cos, ctx.sin, interleaved=True)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([r, self.rope_dim], dim=-1)  # (B, T, r), (B, T, dr)
+        c_kv, k_pe = kv.split([r, self.rope_dim], dim=-1)  # (B, T, r), (B, T, dr)
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rope(k_pe.unsqueeze(2), ctx.cos, ctx.sin, interleaved=True).squeeze(2)
         latent = torch.cat([c_kv, k_pe], dim=-1)  # (B, T, r + dr)
@@ -394,6 +410,8 @@ _KERNELS = {  # op -> (source file in csrc/, its shapes for torch.compile)
     "latent_attention": ("decode_attention", _latent_attention_fake),
     "gqa_attention": ("decode_attention", lambda q, k_cache, v_cache, slots, positions: torch.empty_like(q)),
     "small_linear": ("linear", lambda x, w, bias: x.new_empty(*x.shape[:-1], w.shape[0])),
+    "small_linear2": ("linear", lambda x, *wb: tuple(x.new_empty(*x.shape[:-1], w.shape[0]) for w in wb[::2])),
+    "small_linear3": ("linear", lambda x, *wb: tuple(x.new_empty(*x.shape[:-1], w.shape[0]) for w in wb[::2])),
     "small_experts": ("linear", lambda x, gate_up, down, indices, weights: torch.empty_like(x)),
 }
 
@@ -413,9 +431,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, ctx: Context) -> Tensor:
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), ctx.cos, ctx.sin, interleaved=False)
-        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), ctx.cos, ctx.sin, interleaved=False)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = linears(x, self.q_proj, self.k_proj, self.v_proj)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), ctx.cos, ctx.sin, interleaved=False)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), ctx.cos, ctx.sin, interleaved=False)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if ctx.cache is not None:
             kbuf, vbuf = ctx.cache.layers[self.layer_idx]
             attend = decode_kernel("gqa_attention", kbuf) if T <= 8 and vbuf.is_contiguous() else None

@@ -72,6 +72,19 @@ def test_compiled_decode_step_equals_eager(mla):
     assert [o.outputs[0].token_ids for o in speculative] == [o.outputs[0].token_ids for o in eager]
 
 
+def test_compiled_greedy_step_picks_in_the_graph(dense):
+    # All rows greedy: the argmax runs in the compiled graph. While a min_tokens ban applies, the host picks.
+    ref = [reference_greedy(dense, p, 12) for p in PROMPTS[:2]]
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=12, min_tokens=6, stop_token_ids=[ref[1][0]], ignore_eos=True)]
+    eager = LLM(dense, max_num_seqs=2).generate(PROMPTS[:2], params)
+    compiled = LLM(dense, max_num_seqs=2, compile=True).generate(PROMPTS[:2], params)
+    assert [o.outputs[0].token_ids for o in compiled] == [o.outputs[0].token_ids for o in eager]
+    plain, banned = (o.outputs[0] for o in compiled)
+    assert plain.token_ids == ref[0]
+    assert ref[1][0] not in banned.token_ids[:6] and banned.token_ids != ref[1]  # the ban held, then ended
+
+
 def test_continuous_batching_matches_running_alone(mla):
     params = [SamplingParams(temperature=0.8, max_tokens=12, seed=i, ignore_eos=True) for i in range(4)]
     alone = [LLM(mla).generate([p], sp)[0].outputs[0].token_ids for p, sp in zip(PROMPTS, params)]

@@ -77,6 +77,14 @@ def test_small_linear_kernel_equals_f_linear(rows, N, K, bias):
     torch.testing.assert_close(torch.ops.r1kit_cpu.small_linear(x, w, b), F.linear(x, w, b), **tol)
     x3 = torch.randn(1, rows, K)
     torch.testing.assert_close(torch.ops.r1kit_cpu.small_linear(x3, w, b), F.linear(x3, w, b), **tol)
+    # two or three weights of one input in one call (q / k / v, gate / up): each output its own projection
+    ws = [w, torch.randn(N + 5, K), torch.randn(8, K)]
+    bs = [b, torch.randn(N + 5), None]
+    for n, op in ((2, torch.ops.r1kit_cpu.small_linear2), (3, torch.ops.r1kit_cpu.small_linear3)):
+        got = op(x, *[t for pair in zip(ws[:n], bs[:n]) for t in pair])
+        assert len(got) == n
+        for y, wi, bi in zip(got, ws, bs):
+            torch.testing.assert_close(y, F.linear(x, wi, bi), **tol)
 
 
 def test_linear_takes_the_kernel_only_without_autograd(monkeypatch):
@@ -89,13 +97,16 @@ def test_linear_takes_the_kernel_only_without_autograd(monkeypatch):
         return (lambda *a: calls.append(name) or op(*a)) if op is not None else None
 
     monkeypatch.setattr(M, "cpu_kernel", spy)
-    layer = M.Linear(16, 8)
+    layer, other = M.Linear(16, 8), M.Linear(16, 5, bias=False)
     x = torch.randn(4, 16)
     layer(x).sum().backward()
-    assert layer.weight.grad is not None and calls == []
+    sum(y.sum() for y in M.linears(x, layer, other)).backward()
+    assert layer.weight.grad is not None and other.weight.grad is not None and calls == []
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-    assert calls == ["small_linear"]
+        both = M.linears(x, layer, other)
+    torch.testing.assert_close(both[1], F.linear(x, other.weight), rtol=1e-5, atol=1e-5)
+    assert calls == ["small_linear", "small_linear2"]
 
 
 def test_a_kernel_that_does_not_build_leaves_the_pytorch_path(monkeypatch, tmp_path):
