@@ -1,7 +1,8 @@
 """Decoding speed: r1kit's engine vs transformers `generate` on the same checkpoint, side by side in one run.
 
 The tiny DeepSeek-V3 of shared/BASELINES.md (random weights, fp32, 2 threads), and a dense Qwen2 of similar size:
-- decode tokens/s at batch 1 and 16 (prompt 32, 128 new tokens, greedy, EOS ignored), wall time incl. prefill;
+- decode tokens/s at batch 1 and 16 (prompt 32, 128 new tokens, greedy, EOS ignored), wall time incl. prefill, the
+  median of 3 (--quick) or 5 generations, r1kit and transformers taking turns;
 - decode step time against context length (batch 1): 32 / 256 / 1k / 2k / 4k tokens of prompt, the median of 64
   steps each timed alone (r1kit's engine stepped by hand; transformers' one-token forwards on its cache);
 - KV-cache bytes per token;
@@ -58,30 +59,33 @@ def hf_pair(kind: str):
     return hf, ours
 
 
-def time_hf(hf, batch: int, prompt_len: int, new: int, reps: int) -> float:
+def time_hf(hf, batch: int, prompt_len: int, new: int) -> float:
     x = torch.randint(3, 4096, (batch, prompt_len))
-    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
-        hf.generate(x, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            hf.generate(x, **kw)
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def time_ours(llm: LLM, batch: int, prompt_len: int, new: int, reps: int) -> float:
-    x = torch.randint(3, 4096, (batch, prompt_len)).tolist()
-    params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-    llm.generate(x, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    ts = []
-    for r in range(reps):
-        x = torch.randint(3, 4096, (batch, prompt_len)).tolist()  # fresh prompts: no prefix-cache hits
         t0 = time.perf_counter()
-        llm.generate(x, params)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        hf.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0
+
+
+def time_ours(llm: LLM, batch: int, prompt_len: int, new: int) -> float:
+    x = torch.randint(3, 4096, (batch, prompt_len)).tolist()  # fresh prompts: no prefix-cache hits
+    t0 = time.perf_counter()
+    llm.generate(x, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
+    return time.perf_counter() - t0
+
+
+def time_side_by_side(hf, llms: dict[str, LLM], batch: int, reps: int) -> dict[str, list[float]]:
+    """Seconds for `reps` generations each, the runners taking turns within every rep: this shared machine's speed
+    drifts by up to 2x over minutes, and turns keep a slow spell from landing on one side only."""
+    time_hf(hf, batch, PROMPT, 4)  # warm-up: allocations, the compiled step at this batch
+    for llm in llms.values():
+        time_ours(llm, batch, PROMPT, 4)
+    times: dict[str, list[float]] = {"transformers": [], **{name: [] for name in llms}}
+    for _ in range(reps):
+        times["transformers"].append(time_hf(hf, batch, PROMPT, NEW))
+        for name, llm in llms.items():
+            times[name].append(time_ours(llm, batch, PROMPT, NEW))
+    return times
 
 
 def step_ms_ours(llm: LLM, ctx: int, steps: int = 64) -> float:
@@ -134,12 +138,12 @@ def decode_table(kind: str, reps: int, contexts: list[int]) -> dict:
     else:
         res["kv_cache_bytes_per_token"]["transformers"] = llm.engine.cache.bytes_per_token
     for batch in (1, 16):
-        th = time_hf(hf, batch, PROMPT, NEW, reps)
-        to = time_ours(llm, batch, PROMPT, NEW, reps)
-        te = time_ours(eager, batch, PROMPT, NEW, reps)
+        t = time_side_by_side(hf, {"compiled": llm, "eager": eager}, batch, reps)
+        th, to, te = (statistics.median(t[k]) for k in ("transformers", "compiled", "eager"))
         res[f"batch{batch}"] = {"transformers_tokens_per_s": batch * NEW / th, "r1kit_tokens_per_s": batch * NEW / to,
                                 "speedup": th / to, "r1kit_eager_tokens_per_s": batch * NEW / te,
-                                "eager_speedup": th / te}
+                                "eager_speedup": th / te,  # medians; and each rep's ratio, for the spread:
+                                "speedup_per_rep": [h / o for h, o in zip(t["transformers"], t["compiled"])]}
         print(kind, f"batch {batch}", json.dumps(res[f"batch{batch}"]), flush=True)
     res["step_ms_vs_context"] = {}
     for ctx in contexts:
@@ -222,7 +226,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    reps = 1 if args.quick else 3
+    reps = 3 if args.quick else 5
     contexts = [32, 256, 1024, 2048, 4000] if not args.quick else [32, 1024]
     import transformers
 
