@@ -101,6 +101,21 @@ def test_continuous_batching_matches_running_alone(mla):
     assert [got[r] for r in ids] == alone
 
 
+def test_step_reports_every_change_or_only_the_finished(mla):
+    # streaming callers see each running request every step; `finished_only` returns a request once, when it ends
+    seen = {}
+    for finished_only in (False, True):
+        engine = Engine(mla, max_num_seqs=2)
+        short = engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        long = engine.add_request(PROMPTS[1], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+        seen[finished_only] = [[(o.request_id, o.finished, len(o.outputs[0].token_ids)) for o in
+                                engine.step(finished_only=finished_only)] for _ in range(6)]
+        assert not engine.has_unfinished()
+    # the first step prefills and decodes: two tokens each
+    assert set(seen[False][0]) == {(short, False, 2), (long, False, 2)} and (short, True, 3) in seen[False][1]
+    assert seen[True] == [[], [(short, True, 3)], [], [], [(long, True, 6)], []]
+
+
 def test_seeded_sampling_is_reproducible_and_seed_dependent(mla):
     llm = LLM(mla)
     a = llm.generate(PROMPTS, SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=7, ignore_eos=True))
