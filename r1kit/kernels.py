@@ -55,8 +55,9 @@ def _load(name: str) -> bool:
         return False
     src = SRC / f"{name}.cpp"
     flags = _flags()
-    key = hashlib.sha256("\0".join([src.read_text(), torch.__version__, platform.machine(), compiler, *flags])
-                         .encode()).hexdigest()[:16]
+    headers = [h.read_text() for h in sorted(SRC.glob("*.h"))]  # a changed shared header is a new build too
+    key = hashlib.sha256("\0".join([src.read_text(), *headers, torch.__version__, platform.machine(), compiler,
+                                     *flags]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("R1KIT_CACHE", Path.home() / ".cache" / "r1kit")) / "kernels"
     lib = root / f"{name}-{key}.so"
     if not lib.exists():

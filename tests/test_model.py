@@ -169,12 +169,13 @@ def test_dense_cache_matches_uncached(kernel, monkeypatch):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("D", [20, 32])  # not a multiple of 8 (vector tails), and one the paired-row tiles take
 @pytest.mark.parametrize("T,lengths", [(1, [1, 300, 2600]), (3, [3, 1030])])
-def test_gqa_attention_kernel_equals_gathered(T, lengths):
+def test_gqa_attention_kernel_equals_gathered(T, lengths, D):
     """The C++ grouped-query kernel against matmuls over gathered rows: ragged rows, causal verify rows, chunks."""
     assert M.decode_kernel("gqa_attention") is not None, "the C++ decode kernel did not build"
     torch.manual_seed(0)
-    B, Hkv, G, D, L = len(lengths), 2, 3, 20, 2700  # D not a multiple of 8: vector tails
+    B, Hkv, G, L = len(lengths), 2, 3, 2700
     k_cache, v_cache = torch.randn(4, Hkv, L, D), torch.randn(4, Hkv, L, D)
     slots = torch.tensor([3, 0, 1][:B])
     positions = torch.stack([torch.arange(n - T, n) for n in lengths])

@@ -20,6 +20,8 @@
 #include <limits>
 #include <vector>
 
+#include "tiles.h"
+
 namespace {
 
 constexpr int64_t kBlock = 64;      // keys scored at once, per query row
@@ -110,7 +112,21 @@ void attend_chunk(const float* q, const float* keys, const float* vals, int64_t 
     const int64_t n = std::min(kBlock, s1 - s);
     const float* kb = keys + s * D;
     float* sc = scores.data();
-    for (int64_t i = 0; i < rows; ++i)
+    int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+    if (D % 8 == 0)  // two query rows against four keys at a time: each key block read once per pair of rows
+      for (; i + 2 <= rows; i += 2) {
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4)
+          r1kit::tile2x4<false>(q + i * D, q + (i + 1) * D, kb + j * D, D, sc + i * kBlock + j,
+                                sc + (i + 1) * kBlock + j, nullptr);
+        if (j < n) {
+          dots(q + i * D, kb + j * D, D, n - j, D, sc + i * kBlock + j);
+          dots(q + (i + 1) * D, kb + j * D, D, n - j, D, sc + (i + 1) * kBlock + j);
+        }
+      }
+#endif
+    for (; i < rows; ++i)
       for (int64_t j = 0; j < n; j += 8) dots(q + i * D, kb + j * D, D, std::min<int64_t>(8, n - j), D,
                                               sc + i * kBlock + j);
     for (int64_t i = 0; i < rows; ++i) {  // the online softmax, then the values
