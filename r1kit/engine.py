@@ -13,7 +13,8 @@ How it works (one `Engine.step()`):
    prefilled once and its cache rows copied to n - 1 more slots (the GRPO fan-out).
 2. one decode step for every running sequence (MLA layers attend in latent space: absorbed attention), or,
    with `speculative=k` on a model with an MTP module, one verify step of k MTP drafts (DeepSeek-V3 §2.2; True
-   means 1; more than 1 chains the MTP module on its own output).
+   means 1; more than 1 chains the MTP module on its own output). With `compile=True` a decode step is one graph
+   from the embedding to the output head, and to the argmax when every row is greedy.
 3. finished sequences free their slots; their cache rows stay valid for prefix reuse until the slot is taken.
 
 Sampling needs no host synchronisation and no per-request generator: a sample is argmax(logits/T - log E)
