@@ -234,12 +234,15 @@ class _Request:
     arrival: float = field(default_factory=time.monotonic)
     aborted: bool = False
 
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
+
     def output(self) -> RequestOutput:
         outs = [CompletionOutput(s.index, s.text, list(s.out), s.cumulative_logprob if s.logprobs is not None else None,
                                  None if s.logprobs is None else list(s.logprobs), s.finish_reason, s.stop_reason)
                 for s in self.seqs]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs,
-                             all(o.finish_reason is not None for o in outs), self.num_cached_tokens)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, self.finished, self.num_cached_tokens)
 
 
 # -------------------------------------------------------------------------------------------------- engine
@@ -395,10 +398,9 @@ class Engine:
                 self.model.train()
         outputs = []
         for req in touched:
-            finished = all(s.finish_reason is not None for s in req.seqs)
-            if finished:
+            if req.finished:
                 self.requests.pop(req.request_id, None)
-            if finished or not finished_only:
+            if req.finished or not finished_only:
                 outputs.append(req.output())
         return outputs
 

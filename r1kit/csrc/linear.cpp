@@ -118,16 +118,14 @@ std::vector<at::Tensor> small_linears(const at::Tensor& x, const std::vector<at:
   const at::Tensor xc = x.contiguous();
   std::vector<const float*> rows(M);
   for (int64_t m = 0; m < M; ++m) rows[m] = xc.data_ptr<float>() + m * K;
-  std::vector<at::Tensor> wc(n), bc(n);
+  std::vector<at::Tensor> wc(n);
   std::vector<const float*> W(n), B(n);
   std::vector<float*> Y(n);
   std::vector<int64_t> N(n), first(n + 1, 0);  // weight i's blocks are work items first[i] .. first[i + 1] - 1
   for (int64_t i = 0; i < n; ++i) {
     wc[i] = ws[i].contiguous();
-    const Bias& b = bs[i];
-    if (b) bc[i] = *b;
     W[i] = wc[i].data_ptr<float>();
-    B[i] = b ? bc[i].data_ptr<float>() : nullptr;
+    B[i] = bs[i] ? bs[i]->data_ptr<float>() : nullptr;
     N[i] = wc[i].size(0);
     auto sizes = x.sizes().vec();
     sizes.back() = N[i];
