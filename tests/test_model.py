@@ -46,14 +46,15 @@ def test_absorbed_equals_naive_with_and_without_cache(in_place, monkeypatch):
             torch.testing.assert_close(torch.cat(steps, dim=1), naive, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("H", [5, 8, 16])  # 8 and 16 heads: the lane-per-row path (groups of eight rows)
 @pytest.mark.parametrize("T,lengths", [(1, [1, 300, 2600]), (3, [3, 1030]), (2, [513])])
-def test_latent_attention_kernel_equals_reference(T, lengths):
+def test_latent_attention_kernel_equals_reference(T, lengths, H):
     """The one-pass C++ kernel against two matmuls a row: ragged rows in any slots, causal verify rows, and keys
     split into chunks across threads (from 256 keys a chunk) whose partial softmaxes are merged."""
     # the suite needs a C++ compiler anyway (torch.compile's CPU tests): the kernel must build where it runs
     assert M.decode_kernel("latent_attention") is not None, "the C++ decode kernel did not build"
     torch.manual_seed(0)
-    H, R, D = 5, 24, 24 + 8  # odd widths: vector tails
+    R, D = 24, 24 + 3  # odd widths: vector tails
     cache = torch.randn(4, 2700, D)
     slots = torch.tensor([3, 0, 1][: len(lengths)])
     positions = torch.stack([torch.arange(n - T, n) for n in lengths])
@@ -170,12 +171,13 @@ def test_dense_cache_matches_uncached(kernel, monkeypatch):
 
 
 @pytest.mark.parametrize("D", [20, 32])  # not a multiple of 8 (vector tails), and one the paired-row tiles take
-@pytest.mark.parametrize("T,lengths", [(1, [1, 300, 2600]), (3, [3, 1030])])
-def test_gqa_attention_kernel_equals_gathered(T, lengths, D):
+@pytest.mark.parametrize("G", [3, 4, 8])  # 8 query heads a key head: the lane-per-row path; 4 with T=2: groups of
+@pytest.mark.parametrize("T,lengths", [(1, [1, 300, 2600]), (3, [3, 1030]), (2, [2, 700])])  # 8 rows over 2 positions
+def test_gqa_attention_kernel_equals_gathered(T, lengths, D, G):
     """The C++ grouped-query kernel against matmuls over gathered rows: ragged rows, causal verify rows, chunks."""
     assert M.decode_kernel("gqa_attention") is not None, "the C++ decode kernel did not build"
     torch.manual_seed(0)
-    B, Hkv, G, L = len(lengths), 2, 3, 2700
+    B, Hkv, L = len(lengths), 2, 2700
     k_cache, v_cache = torch.randn(4, Hkv, L, D), torch.randn(4, Hkv, L, D)
     slots = torch.tensor([3, 0, 1][:B])
     positions = torch.stack([torch.arange(n - T, n) for n in lengths])

@@ -9,7 +9,9 @@
 //
 // Each (row, key head)'s keys are split into chunks across threads. A chunk keeps, per query row, a running maximum,
 // a running sum of exponentials and an unnormalised output (the online softmax); the chunks are merged at the end.
-// Every key is read once per chunk, for all query rows at once, while it is in L1.
+// Every key is read once per chunk, for all query rows at once, while it is in L1. Query rows that come in groups of
+// eight seeing the same keys (eight heads or more per position) run one row per vector lane: each key element is
+// broadcast to the eight rows, and the scores need no sums across lanes.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -63,42 +65,115 @@ inline void dots(const float* q, const float* keys, int64_t stride, int64_t n, i
   }
 }
 
-// acc[0 : NV * 8] = acc * alpha + sum_j p[j] * keys[j][0 : NV * 8]: NV independent accumulators held in registers.
+// acc[0 : NV * 8] = acc * alpha + sum_j p[j * ps] * keys[j][0 : NV * 8]: NV independent accumulators in registers.
 template <int NV>
-inline void accumulate_tile(float* acc, float alpha, const float* p, const float* keys, int64_t stride, int64_t count) {
+inline void accumulate_tile(float* acc, float alpha, const float* p, int64_t ps, const float* keys, int64_t stride,
+                            int64_t count) {
   Vec a[NV];
   for (int v = 0; v < NV; ++v) a[v] = Vec::loadu(acc + v * Vec::size()) * Vec(alpha);
   for (int64_t j = 0; j < count; ++j) {
-    const Vec pj(p[j]);
+    const Vec pj(p[j * ps]);
     const float* k = keys + j * stride;
     for (int v = 0; v < NV; ++v) a[v] = at::vec::fmadd(pj, Vec::loadu(k + v * Vec::size()), a[v]);
   }
   for (int v = 0; v < NV; ++v) a[v].store(acc + v * Vec::size());
 }
 
-// acc[0:n] = acc * alpha + sum_j p[j] * keys[j][0:n], for the first `count` keys of a block
-inline void accumulate(float* acc, float alpha, const float* p, const float* keys, int64_t stride, int64_t count,
-                       int64_t n) {
+// acc[0:n] = acc * alpha + sum_j p[j * ps] * keys[j][0:n], for the first `count` keys of a block
+inline void accumulate(float* acc, float alpha, const float* p, int64_t ps, const float* keys, int64_t stride,
+                       int64_t count, int64_t n) {
   constexpr int64_t W = Vec::size();
   int64_t d = 0;
-  for (; d + 8 * W <= n; d += 8 * W) accumulate_tile<8>(acc + d, alpha, p, keys + d, stride, count);
+  for (; d + 8 * W <= n; d += 8 * W) accumulate_tile<8>(acc + d, alpha, p, ps, keys + d, stride, count);
   switch ((n - d) / W) {
-    case 7: accumulate_tile<7>(acc + d, alpha, p, keys + d, stride, count); break;
-    case 6: accumulate_tile<6>(acc + d, alpha, p, keys + d, stride, count); break;
-    case 5: accumulate_tile<5>(acc + d, alpha, p, keys + d, stride, count); break;
-    case 4: accumulate_tile<4>(acc + d, alpha, p, keys + d, stride, count); break;
-    case 3: accumulate_tile<3>(acc + d, alpha, p, keys + d, stride, count); break;
-    case 2: accumulate_tile<2>(acc + d, alpha, p, keys + d, stride, count); break;
-    case 1: accumulate_tile<1>(acc + d, alpha, p, keys + d, stride, count); break;
+    case 7: accumulate_tile<7>(acc + d, alpha, p, ps, keys + d, stride, count); break;
+    case 6: accumulate_tile<6>(acc + d, alpha, p, ps, keys + d, stride, count); break;
+    case 5: accumulate_tile<5>(acc + d, alpha, p, ps, keys + d, stride, count); break;
+    case 4: accumulate_tile<4>(acc + d, alpha, p, ps, keys + d, stride, count); break;
+    case 3: accumulate_tile<3>(acc + d, alpha, p, ps, keys + d, stride, count); break;
+    case 2: accumulate_tile<2>(acc + d, alpha, p, ps, keys + d, stride, count); break;
+    case 1: accumulate_tile<1>(acc + d, alpha, p, ps, keys + d, stride, count); break;
     default: break;
   }
   d += (n - d) / W * W;
   for (; d < n; ++d) {
     float a = acc[d] * alpha;
-    for (int64_t j = 0; j < count; ++j) a += p[j] * keys[j * stride + d];
+    for (int64_t j = 0; j < count; ++j) a += p[j * ps] * keys[j * stride + d];
     acc[d] = a;
   }
 }
+
+#if defined(CPU_CAPABILITY_AVX2)
+// Eight query rows at once, one per lane: out[k] = (q_0 . key_k, ..., q_7 . key_k) for N keys, from qt (D, 8), the
+// rows transposed. Each key element is broadcast to all eight rows, so no lane sums are needed.
+template <int N>
+inline void scores8(const float* qt, const float* keys, int64_t D, float* out) {
+  const float* k[N];  // one base pointer per key and a shared index: no address arithmetic in the loop
+  __m256 a[N];
+  for (int i = 0; i < N; ++i) k[i] = keys + i * D, a[i] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m256 q = _mm256_loadu_ps(qt + d * 8);
+    for (int i = 0; i < N; ++i) a[i] = _mm256_fmadd_ps(q, _mm256_broadcast_ss(k[i] + d), a[i]);
+  }
+  for (int i = 0; i < N; ++i) _mm256_storeu_ps(out + i * 8, a[i]);
+}
+
+inline void scores8_tail(const float* qt, const float* keys, int64_t D, int64_t n, float* out) {
+  switch (n) {
+    case 7: scores8<7>(qt, keys, D, out); break;
+    case 6: scores8<6>(qt, keys, D, out); break;
+    case 5: scores8<5>(qt, keys, D, out); break;
+    case 4: scores8<4>(qt, keys, D, out); break;
+    case 3: scores8<3>(qt, keys, D, out); break;
+    case 2: scores8<2>(qt, keys, D, out); break;
+    case 1: scores8<1>(qt, keys, D, out); break;
+    default: break;
+  }
+}
+
+// attend_chunk for query rows in groups of eight that each see the same keys (rows % 8 == 0): the scores, the
+// softmax's maxima, sums and rescaling all run across the eight lanes, one row each.
+void attend_chunk8(const float* q, const float* keys, const float* vals, int64_t rows, int64_t D, int64_t R,
+                   int64_t val_stride, const int64_t* visible, int64_t s0, int64_t s1, float* m, float* l,
+                   float* acc) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::fill(m, m + rows, neg_inf);
+  std::fill(l, l + rows, 0.f);
+  std::fill(acc, acc + rows * R, 0.f);
+  std::vector<float> qt(rows * D), sc(kBlock * 8);
+  for (int64_t g = 0; g < rows / 8; ++g)  // each group's rows transposed: qt[g][d][lane]
+    for (int64_t i = 0; i < 8; ++i)
+      for (int64_t d = 0; d < D; ++d) qt[(g * D + d) * 8 + i] = q[(g * 8 + i) * D + d];
+  for (int64_t s = s0; s < s1; s += kBlock) {
+    const int64_t n = std::min(kBlock, s1 - s);
+    const float* kb = keys + s * D;
+    for (int64_t g = 0; g < rows / 8; ++g) {
+      const int64_t count = std::min(n, visible[g * 8] - s);
+      if (count <= 0) continue;
+      const float* qg = qt.data() + g * D * 8;
+      int64_t j = 0;
+      for (; j + 8 <= count; j += 8) scores8<8>(qg, kb + j * D, D, sc.data() + j * 8);
+      scores8_tail(qg, kb + j * D, D, count - j, sc.data() + j * 8);
+      __m256 mx = _mm256_set1_ps(neg_inf);
+      for (int64_t k = 0; k < count; ++k) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc.data() + k * 8));
+      const Vec m_old = Vec::loadu(m + g * 8), m_new = at::vec::maximum(m_old, Vec(mx));
+      Vec sum(0.f);
+      for (int64_t k = 0; k < count; ++k) {
+        const Vec p = (Vec::loadu(sc.data() + k * 8) - m_new).exp_u20();
+        p.store(sc.data() + k * 8);
+        sum = sum + p;
+      }
+      float alpha[8], mo[8], mn[8];
+      m_old.store(mo), m_new.store(mn);
+      for (int64_t i = 0; i < 8; ++i) alpha[i] = std::exp(mo[i] - mn[i]);  // 0 on the first block (m = -inf)
+      (Vec::loadu(l + g * 8) * Vec::loadu(alpha) + sum).store(l + g * 8);
+      m_new.store(m + g * 8);
+      for (int64_t i = 0; i < 8; ++i)
+        accumulate(acc + (g * 8 + i) * R, alpha[i], sc.data() + i, 8, vals + s * val_stride, val_stride, count, R);
+    }
+  }
+}
+#endif
 
 // One chunk [s0, s1) of one batch row: partial (max, sum, unnormalised output) per query row.
 void attend_chunk(const float* q, const float* keys, const float* vals, int64_t rows, int64_t D, int64_t R,
@@ -141,7 +216,7 @@ void attend_chunk(const float* q, const float* keys, const float* vals, int64_t 
       const float sum = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, p, count);
       l[i] = l[i] * alpha + sum;
       m[i] = m_new;
-      accumulate(acc + i * R, alpha, p, vals + s * val_stride, val_stride, count, R);
+      accumulate(acc + i * R, alpha, p, 1, vals + s * val_stride, val_stride, count, R);
     }
   }
 }
@@ -168,14 +243,26 @@ void attend(const std::vector<Problem>& problems, int64_t rows, int64_t D, int64
     first[b + 1] = first[b] + (S + chunk_len[b] - 1) / chunk_len[b];
   }
   const int64_t items = first[P];
+  bool by8 = false;  // query rows in groups of eight that see the same keys: the lane-per-row path
+#if defined(CPU_CAPABILITY_AVX2)
+  by8 = rows % 8 == 0;
+  for (int64_t b = 0; b < P && by8; ++b)
+    for (int64_t i = 0; i < rows && by8; ++i) by8 = problems[b].visible[i] == problems[b].visible[i / 8 * 8];
+#endif
   std::vector<float> m(items * rows), l(items * rows), acc(items * rows * R);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = std::upper_bound(first.begin(), first.end(), it) - first.begin() - 1;
       const Problem& pr = problems[b];
       const int64_t s0 = (it - first[b]) * chunk_len[b], s1 = std::min(pr.S, s0 + chunk_len[b]);
-      attend_chunk(pr.q, pr.keys, pr.vals, rows, D, R, val_stride, pr.visible, s0, s1, m.data() + it * rows,
-                   l.data() + it * rows, acc.data() + it * rows * R);
+      float *mi = m.data() + it * rows, *li = l.data() + it * rows, *ai = acc.data() + it * rows * R;
+#if defined(CPU_CAPABILITY_AVX2)
+      if (by8) {
+        attend_chunk8(pr.q, pr.keys, pr.vals, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
+        continue;
+      }
+#endif
+      attend_chunk(pr.q, pr.keys, pr.vals, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
     }
   });
   for (int64_t b = 0; b < P; ++b) {  // merge the chunks
