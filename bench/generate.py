@@ -122,8 +122,9 @@ def step_ms_hf(hf, ctx: int, steps: int = 64) -> float:
 
 def decode_table(kind: str, reps: int, contexts: list[int]) -> dict:
     hf, ours = hf_pair(kind)
-    eager = LLM(ours, max_num_seqs=16, max_model_len=max(contexts) + NEW + 8)
-    llm = LLM(ours, max_num_seqs=16, max_model_len=max(contexts) + NEW + 8, compile=True)
+    # packed projections, as an LLM loading this checkpoint from its directory does by itself (`pack_weights`)
+    eager = LLM(ours, max_num_seqs=16, max_model_len=max(contexts) + NEW + 8, pack_weights=True)
+    llm = LLM(ours, max_num_seqs=16, max_model_len=max(contexts) + NEW + 8, compile=True, pack_weights=True)
     t0 = time.perf_counter()  # compile the decode step once for batch 1 and once for every larger batch
     for b in (1, 2):
         llm.generate(torch.randint(3, 4096, (b, 8)).tolist(), SamplingParams(temperature=0, max_tokens=70, ignore_eos=True))

@@ -17,6 +17,10 @@ How it works (one `Engine.step()`):
    from the embedding to the output head, and to the argmax when every row is greedy.
 3. finished sequences free their slots; their cache rows stay valid for prefix reuse until the slot is taken.
 
+On CPU, `pack_weights` keeps a second copy of the projections' weights in 16-column panels, which decode steps of
+8+ rows read 1.3x faster (`M.pack_linears`). An LLM packs a checkpoint it loads itself (up to 1 GiB of weights);
+on live weights it packs only when asked, and then `refresh_weights()` after an update the version counters miss.
+
 Sampling needs no host synchronisation and no per-request generator: a sample is argmax(logits/T - log E)
 with E ~ Exp(1) noise derived by hashing (request seed, sample index, step, token id). A request's samples are
 therefore the same whatever else shares its batch, and speculative decoding reproduces plain decoding exactly,
@@ -251,7 +255,7 @@ class Engine:
 
     def __init__(self, model: M.Transformer, tokenizer=None, *, max_num_seqs: int = 64, max_model_len: int | None = None,
                  dtype: torch.dtype | None = None, enable_prefix_caching: bool = True, speculative: bool | int = False,
-                 eos_token_ids: Iterable[int] | None = None, compile: bool = False):
+                 eos_token_ids: Iterable[int] | None = None, compile: bool = False, pack_weights: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         # The one-token decode step is hundreds of small ops; compiled, they fuse into one graph (measured:
@@ -315,6 +319,8 @@ class Engine:
         self._ids = itertools.count()
         self._params = list(model.parameters())
         self._weights_version = self._version()
+        # the projections' weights again in 16-column panels, for decode steps of 8+ rows (M.pack_linears)
+        self.packed_bytes = M.pack_linears(model) if pack_weights and self.device.type == "cpu" else 0
 
     # -- requests ----------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -367,6 +373,14 @@ class Engine:
         self.slot_valid = [0] * self.max_num_seqs
         self._weights_version = self._version()
 
+    def refresh_weights(self) -> None:
+        """After the model's weights changed: forget cached prefixes and pack the projections anew. Done
+        automatically at the next admission when a version counter moved; call it after updates that do not move
+        them (fused optimizer kernels)."""
+        self.reset_prefix_cache()
+        if self.packed_bytes:
+            M.pack_linears(self.model, refresh=True)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -380,10 +394,12 @@ class Engine:
         if was_training:  # (a walk over every module: not every step when the caller keeps the model in eval)
             self.model.eval()
         try:
-            # weights changed: cached K/V are stale. Only admission reuses them, so only then is it worth the walk
-            # over every parameter
-            if self.enable_prefix_caching and self.waiting and self._version() != self._weights_version:
-                self.reset_prefix_cache()
+            # weights changed: cached K/V and packed weights are stale. Only admission reuses cached K/V, so only
+            # then is it worth the walk over every parameter (a stale pack is never read meanwhile: the kernel
+            # checks its weight's version)
+            if ((self.enable_prefix_caching or self.packed_bytes) and self.waiting
+                    and self._version() != self._weights_version):
+                self.refresh_weights()
             touched = self._admit()
             decoding = list(self.running)  # every running sequence has a sampled token to feed
             if decoding:
@@ -767,13 +783,17 @@ class Engine:
 
 
 # -------------------------------------------------------------------------------------------- offline API
+PACK_AUTO_BYTES = 1 << 30  # an LLM packs the projections of a checkpoint it loads up to this size (the copy costs as much)
+
+
 class LLM:
     """Offline generation, as vLLM's `LLM`: a checkpoint directory or an in-memory model (live weights)."""
 
     def __init__(self, model: str | Path | M.Transformer, tokenizer=None, *, device=None, dtype=None,
                  max_num_seqs: int = 64, max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 speculative: bool | int = False, compile: bool = False):
-        if isinstance(model, (str, Path)):
+                 speculative: bool | int = False, compile: bool = False, pack_weights: bool | None = None):
+        owned = isinstance(model, (str, Path))
+        if owned:
             path = Path(model)
             model = M.load(path, device=device, dtype=dtype)
             if tokenizer is None and (path / "tokenizer.json").exists():
@@ -781,8 +801,11 @@ class LLM:
 
                 tokenizer = load_tokenizer(path)
         self.model, self.tokenizer = model, tokenizer
+        if pack_weights is None:  # a checkpoint this LLM loaded: nothing else changes its weights; and not too big
+            pack_weights = owned and sum(p.nbytes for p in model.parameters()) <= PACK_AUTO_BYTES
         self.engine = Engine(model, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                             enable_prefix_caching=enable_prefix_caching, speculative=speculative, compile=compile)
+                             enable_prefix_caching=enable_prefix_caching, speculative=speculative, compile=compile,
+                             pack_weights=pack_weights)
 
     @property
     def stats(self) -> EngineStats:
@@ -790,6 +813,9 @@ class LLM:
 
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()
+
+    def refresh_weights(self) -> None:
+        self.engine.refresh_weights()
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:

@@ -408,8 +408,10 @@ def _grpo(cfg: GRPOConfig, run: train.Run, on_step) -> dict:
     # prefix caching: the weights change every step (and the fused AdamW update does not bump the parameters'
     # version counters the engine watches), and a prefill that never depends on earlier requests keeps a
     # resumed run bit-identical. Each prompt is still prefilled once for its num_generations samples.
+    # On CPU the engine packs the projections for its batched decode steps (a second copy of those weights), packed
+    # anew before each rollout: the fused update moves no version counter.
     llm = LLM(model, max_num_seqs=max_seqs, max_model_len=longest_prompt + cfg.max_completion_length + 1,
-              enable_prefix_caching=False, compile=cfg.compile_decode)
+              enable_prefix_caching=False, compile=cfg.compile_decode, pack_weights=True)
     stop_ids = sorted(set(model.config.eos_token_ids) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
     named, fns, _ = reward_spec(cfg)
     scorer = None
@@ -436,6 +438,7 @@ def _grpo(cfg: GRPOConfig, run: train.Run, on_step) -> dict:
         with train.Logger(run, step, show=("reward", "loss", "completion_length")) as log:
             while step < cfg.max_steps:
                 t_step = time.perf_counter()
+                llm.refresh_weights()
                 groups, draw, roll = rollout(llm, prompts, draw, cfg, scorer, fns, named, stop_ids)
                 advantages = advantages_of(groups, cfg, run)
                 batches = micro_batches(groups, advantages, cfg, tok.pad_token_id or 0, run.device)

@@ -1,6 +1,7 @@
 """The engine against its slow twin (token-by-token argmax of the uncached model) and its promises."""
 
 import asyncio
+import copy
 
 import pytest
 import torch
@@ -83,6 +84,43 @@ def test_compiled_greedy_step_picks_in_the_graph(dense):
     plain, banned = (o.outputs[0] for o in compiled)
     assert plain.token_ids == ref[0]
     assert ref[1][0] not in banned.token_ids[:6] and banned.token_ids != ref[1]  # the ban held, then ended
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_packed_weights_decode_the_same_and_follow_updates(dense, compile):
+    """Weights packed in panels serve the steps of 8+ rows: the output equals the plain layout's, and the packs
+    follow the weights, at once after an update that moves their version counters, after refresh_weights() after
+    one that does not (as fused optimizer kernels do)."""
+    model, twin = copy.deepcopy(dense), copy.deepcopy(dense)
+    # (no prefix caching: it has its own test, and the same prompts come back after each update)
+    llm = LLM(model, max_num_seqs=9, compile=compile, pack_weights=True, enable_prefix_caching=False)
+    plain = LLM(twin, max_num_seqs=9, enable_prefix_caching=False)  # not packed
+    assert llm.engine.packed_bytes > 0 and plain.engine.packed_bytes == 0
+    prompts = [[5 + i, 6, 7 + 2 * i] for i in range(9)]  # nine rows a step
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    def gen(engine):
+        return [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
+
+    before = gen(plain)
+    assert gen(llm) == before
+    torch.manual_seed(1)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        noise = torch.randn_like(a) * a.std()
+        a.data.add_(noise), b.data.add_(noise)  # the counters do not move
+    llm.refresh_weights()
+    assert gen(llm) == gen(plain) != before
+    with torch.no_grad():
+        for a, b in zip(model.parameters(), twin.parameters()):
+            a.mul_(1.5), b.mul_(1.5)  # they move
+    assert gen(llm) == gen(plain)
+
+
+def test_an_llm_packs_the_checkpoint_it_loads_not_live_weights(dense, tmp_path):
+    M.save(dense, tmp_path / "ckpt")
+    assert LLM(tmp_path / "ckpt", max_num_seqs=2).engine.packed_bytes > 0
+    assert LLM(tmp_path / "ckpt", max_num_seqs=2, pack_weights=False).engine.packed_bytes == 0
+    assert LLM(copy.deepcopy(dense), max_num_seqs=2).engine.packed_bytes == 0
 
 
 def test_continuous_batching_matches_running_alone(mla):

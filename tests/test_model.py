@@ -64,28 +64,42 @@ def test_latent_attention_kernel_equals_reference(T, lengths, H):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 16, 32, 33])
+@pytest.mark.parametrize("packed", [False, True])  # from 8 rows, weights packed in panels take the broadcast tiles
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 11, 13, 16, 21, 32, 33])  # tiles of six and 0-5 left
 @pytest.mark.parametrize("N,K,bias", [(64, 256, True), (13, 24, False), (40, 20, True)])
-def test_small_linear_kernel_equals_f_linear(rows, N, K, bias):
-    """The decode step's C++ projection against F.linear: odd row counts (a row left over from the pairs), weight
-    rows not a multiple of eight, K not a multiple of eight (the scalar path), batched and strided inputs, and more
-    rows than the kernel takes (handed to BLAS)."""
+def test_small_linear_kernel_equals_f_linear(rows, N, K, bias, packed):
+    """The decode step's C++ projection against F.linear: odd row counts (a row left over from the pairs, or from
+    the panels' six-row tiles), weight rows not a multiple of eight or sixteen, K not a multiple of eight (the
+    scalar path), batched and strided inputs, and more rows than the kernel takes (handed to BLAS)."""
     assert M.cpu_kernel("small_linear") is not None, "the C++ linear kernel did not build"
     torch.manual_seed(rows)
+    pack = M.cpu_kernel("pack_panels") if packed else lambda w: None
     w, b = torch.randn(N, K), torch.randn(N) if bias else None
     x = torch.randn(rows, 2 * K)[:, ::2]  # not contiguous
     tol = dict(rtol=1e-5, atol=1e-4)  # sums of K products of unit normals: a term left out would be ~1
-    torch.testing.assert_close(torch.ops.r1kit_cpu.small_linear(x, w, b), F.linear(x, w, b), **tol)
+    torch.testing.assert_close(torch.ops.r1kit_cpu.small_linear(x, w, b, pack(w)), F.linear(x, w, b), **tol)
     x3 = torch.randn(1, rows, K)
-    torch.testing.assert_close(torch.ops.r1kit_cpu.small_linear(x3, w, b), F.linear(x3, w, b), **tol)
+    torch.testing.assert_close(torch.ops.r1kit_cpu.small_linear(x3, w, b, pack(w)), F.linear(x3, w, b), **tol)
     # two or three weights of one input in one call (q / k / v, gate / up): each output its own projection
     ws = [w, torch.randn(N + 5, K), torch.randn(8, K)]
     bs = [b, torch.randn(N + 5), None]
     for n, op in ((2, torch.ops.r1kit_cpu.small_linear2), (3, torch.ops.r1kit_cpu.small_linear3)):
-        got = op(x, *[t for pair in zip(ws[:n], bs[:n]) for t in pair])
+        got = op(x, *[t for pair in zip(ws[:n], bs[:n]) for t in pair], *[pack(wi) for wi in ws[:n]])
         assert len(got) == n
         for y, wi, bi in zip(got, ws, bs):
             torch.testing.assert_close(y, F.linear(x, wi, bi), **tol)
+
+
+def test_a_stale_pack_is_never_read():
+    """A pack whose weight was updated in place (its version counter moved) or replaced is ignored."""
+    w, x = torch.randn(40, 24), torch.randn(16, 24)
+    packed = M.cpu_kernel("pack_panels")(w)
+    with torch.no_grad():
+        w.mul_(-1)
+    torch.testing.assert_close(torch.ops.r1kit_cpu.small_linear(x, w, None, packed), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    other = torch.randn(40, 24)
+    torch.testing.assert_close(torch.ops.r1kit_cpu.small_linear(x, other, None, packed), F.linear(x, other),
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_linear_takes_the_kernel_only_without_autograd(monkeypatch):

@@ -11,11 +11,16 @@
 // then summed across lanes with a tree of adds. The weights are read from memory once, in their nn.Linear layout;
 // nothing is repacked; the thread's next eight rows are prefetched while these are computed. More than kMaxRows
 // rows (a prefill, a training batch) go to at::linear.
+//
+// From kPanelRows rows on, a weight that the engine has packed (r1kit_cpu::pack_panels) is read as 16-column panels
+// instead: W^T in (K, 16) slabs, so one step along K loads sixteen outputs' weights in two vectors, each row of x is
+// broadcast one element at a time, and a 6 x 16 tile keeps twelve accumulators with no sums across lanes.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "tiles.h"
@@ -91,17 +96,106 @@ inline void block(const float* const* rows, int64_t M, const float* W, int64_t n
     for (int64_t j = 0; j < nn; ++j) Y[m * ldy + n0 + j] = dot(rows[m], wb + j * K, K) + (bias ? bias[n0 + j] : 0.f);
 }
 
+// -- 16-column panels ------------------------------------------------------------------------------------------
+constexpr int64_t kPanel = 16, kPanelRows = 8;
+constexpr int64_t kStamp = 4;  // trailing floats of a pack: the weight's version counter and address when packed
+
+inline int64_t panels_numel(int64_t N, int64_t K) { return (N + kPanel - 1) / kPanel * K * kPanel + kStamp; }
+
+inline void stamp_of(const at::Tensor& w, int64_t out[2]) {
+  out[0] = w._version();
+  out[1] = reinterpret_cast<int64_t>(w.data_ptr());
+}
+
+// w (N, K) float32 -> its panels, flat: panel p is (K, 16), columns 16p .. 16p + 15 of w^T (zeros past N); then the
+// stamp. A pack whose stamp no longer matches its weight (updated in place, or replaced) is never read.
+at::Tensor pack_panels(const at::Tensor& w_) {
+  TORCH_CHECK(w_.dim() == 2 && w_.scalar_type() == at::kFloat && w_.device().is_cpu() && !w_.is_inference(),
+              "pack_panels: a float32 CPU weight (N, K) that tracks its version is expected");
+  const at::Tensor w = w_.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor P = at::zeros({panels_numel(N, K)}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = P.data_ptr<float>();
+  at::parallel_for(0, (N + kPanel - 1) / kPanel, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t j = 0; j < kPanel && p * kPanel + j < N; ++j)
+        for (int64_t k = 0; k < K; ++k) dst[(p * K + k) * kPanel + j] = src[(p * kPanel + j) * K + k];
+  });
+  int64_t st[2];
+  stamp_of(w_, st);
+  std::memcpy(dst + P.numel() - kStamp, st, sizeof st);
+  return P;
+}
+
+inline bool fresh(const at::Tensor& w, const at::Tensor& P) {
+  if (P.scalar_type() != at::kFloat || !P.is_contiguous() || !P.device().is_cpu() || w.is_inference() ||
+      P.numel() != panels_numel(w.size(0), w.size(1)))
+    return false;
+  int64_t now[2], then[2];
+  stamp_of(w, now);
+  std::memcpy(then, P.data_ptr<float>() + P.numel() - kStamp, sizeof then);
+  return now[0] == then[0] && now[1] == then[1];
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+// R (<= 6) rows of x (stride ldx) by one panel (K, 16) -> Y[r, 0:nn] (+ bias). Named accumulators: an array of
+// __m256 would live in memory. With PF, also pulls the next panel into L1 (one line per step along K).
+template <int R, bool PF>
+inline void panel_tile(const float* x, int64_t ldx, const float* P, int64_t K, const float* bias, float* Y,
+                       int64_t ldy, int64_t nn, const float* pf) {
+  __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0, a4 = a0, b4 = a0,
+         a5 = a0, b5 = a0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (PF) _mm_prefetch(reinterpret_cast<const char*>(pf + k * kPanel), _MM_HINT_T0);
+    const __m256 p0 = _mm256_loadu_ps(P + k * kPanel), p1 = _mm256_loadu_ps(P + k * kPanel + 8);
+    __m256 s = _mm256_broadcast_ss(x + k);
+    a0 = _mm256_fmadd_ps(s, p0, a0), b0 = _mm256_fmadd_ps(s, p1, b0);
+    if (R > 1) s = _mm256_broadcast_ss(x + ldx + k), a1 = _mm256_fmadd_ps(s, p0, a1), b1 = _mm256_fmadd_ps(s, p1, b1);
+    if (R > 2) s = _mm256_broadcast_ss(x + 2 * ldx + k), a2 = _mm256_fmadd_ps(s, p0, a2), b2 = _mm256_fmadd_ps(s, p1, b2);
+    if (R > 3) s = _mm256_broadcast_ss(x + 3 * ldx + k), a3 = _mm256_fmadd_ps(s, p0, a3), b3 = _mm256_fmadd_ps(s, p1, b3);
+    if (R > 4) s = _mm256_broadcast_ss(x + 4 * ldx + k), a4 = _mm256_fmadd_ps(s, p0, a4), b4 = _mm256_fmadd_ps(s, p1, b4);
+    if (R > 5) s = _mm256_broadcast_ss(x + 5 * ldx + k), a5 = _mm256_fmadd_ps(s, p0, a5), b5 = _mm256_fmadd_ps(s, p1, b5);
+  }
+  const __m256 acc[12] = {a0, b0, a1, b1, a2, b2, a3, b3, a4, b4, a5, b5};
+  float t[kPanel];
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(t, acc[2 * r]), _mm256_storeu_ps(t + 8, acc[2 * r + 1]);
+    for (int64_t j = 0; j < nn; ++j) Y[r * ldy + j] = t[j] + (bias ? bias[j] : 0.f);
+  }
+}
+
+// All M rows of x by panel P -> Y[:, n0 : n0 + nn]; `next`: the panel to prefetch meanwhile, or null.
+inline void panel(const float* x, int64_t M, const float* P, int64_t K, const float* bias, float* Y, int64_t ldy,
+                  int64_t nn, const float* next) {
+  int64_t m = 0;
+  if (next && M >= 6) panel_tile<6, true>(x, K, P, K, bias, Y, ldy, nn, next), m = 6;
+  for (; m + 6 <= M; m += 6) panel_tile<6, false>(x + m * K, K, P, K, bias, Y + m * ldy, ldy, nn, nullptr);
+  const float *xm = x + m * K;
+  float* ym = Y + m * ldy;
+  switch (M - m) {
+    case 5: panel_tile<5, false>(xm, K, P, K, bias, ym, ldy, nn, nullptr); break;
+    case 4: panel_tile<4, false>(xm, K, P, K, bias, ym, ldy, nn, nullptr); break;
+    case 3: panel_tile<3, false>(xm, K, P, K, bias, ym, ldy, nn, nullptr); break;
+    case 2: panel_tile<2, false>(xm, K, P, K, bias, ym, ldy, nn, nullptr); break;
+    case 1: panel_tile<1, false>(xm, K, P, K, bias, ym, ldy, nn, nullptr); break;
+    default: break;
+  }
+}
+#endif
+
 // about 64k multiply-adds a thread at least: a smaller share costs more to hand out than it saves
 inline int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, work_per_item)); }
 
 // x (..., K) times each of the weights ws[i] (N_i, K) (+ bs[i]) -> one output (..., N_i) each. All the weights'
 // blocks of eight rows are one list of work items split across the threads: q / k / v, or gate / up, in one call.
 // (The ops take two or three weights as separate arguments, not a list: a compiled graph's C++ wrapper calls an op
-// with list arguments back through Python, measured at 50 us a call.)
+// with list arguments back through Python, measured at 50 us a call. Nor do they have defaults: the wrapper leaves
+// out an argument equal to its default, and the call then reads past its arguments.)
 using Bias = std::optional<at::Tensor>;
 
 std::vector<at::Tensor> small_linears(const at::Tensor& x, const std::vector<at::Tensor>& ws,
-                                      const std::vector<Bias>& bs) {
+                                      const std::vector<Bias>& bs, const std::vector<Bias>& packs) {
   const int64_t n = ws.size(), K = x.size(-1), M = K ? x.numel() / K : 0;
   bool tiled = x.scalar_type() == at::kFloat && x.device().is_cpu() && M > 0 && M <= kMaxRows;
   for (int64_t i = 0; i < n; ++i) {
@@ -121,7 +215,7 @@ std::vector<at::Tensor> small_linears(const at::Tensor& x, const std::vector<at:
   std::vector<at::Tensor> wc(n);
   std::vector<const float*> W(n), B(n);
   std::vector<float*> Y(n);
-  std::vector<int64_t> N(n), first(n + 1, 0);  // weight i's blocks are work items first[i] .. first[i + 1] - 1
+  std::vector<int64_t> N(n);
   for (int64_t i = 0; i < n; ++i) {
     wc[i] = ws[i].contiguous();
     W[i] = wc[i].data_ptr<float>();
@@ -131,34 +225,51 @@ std::vector<at::Tensor> small_linears(const at::Tensor& x, const std::vector<at:
     sizes.back() = N[i];
     out.push_back(at::empty(sizes, x.options()));
     Y[i] = out[i].data_ptr<float>();
-    first[i + 1] = first[i] + (N[i] + 7) / 8;
   }
-  at::parallel_for(0, first[n], grain(8 * M * K), [&](int64_t begin, int64_t end) {
+  bool panels = false;  // every weight packed, and its pack current
+#if defined(CPU_CAPABILITY_AVX2)
+  panels = M >= kPanelRows;
+  for (int64_t i = 0; i < n && panels; ++i) panels = packs[i] && fresh(ws[i], *packs[i]);
+#endif
+  const int64_t width = panels ? kPanel : 8;  // outputs per work item: a panel, or a block of eight weight rows
+  std::vector<int64_t> first(n + 1, 0);  // weight i's work items are first[i] .. first[i + 1] - 1
+  for (int64_t i = 0; i < n; ++i) first[i + 1] = first[i] + (N[i] + width - 1) / width;
+  at::parallel_for(0, first[n], grain(width * M * K), [&](int64_t begin, int64_t end) {
     int64_t i = 0;
     for (int64_t b = begin; b < end; ++b) {
       while (b >= first[i + 1]) ++i;
-      const int64_t n0 = (b - first[i]) * 8;
+      const int64_t n0 = (b - first[i]) * width, nn = std::min<int64_t>(width, N[i] - n0);
+#if defined(CPU_CAPABILITY_AVX2)
+      if (panels) {
+        const float* P = packs[i]->data_ptr<float>() + n0 * K;
+        const float* next = b + 1 == end ? nullptr : b + 1 < first[i + 1] ? P + kPanel * K : packs[i + 1]->data_ptr<float>();
+        panel(rows[0], M, P, K, B[i] ? B[i] + n0 : nullptr, Y[i] + n0, N[i], nn, next);
+        continue;
+      }
+#endif
       const float* next = b + 1 == end ? nullptr : b + 1 < first[i + 1] ? W[i] + (n0 + 8) * K : W[i + 1];
-      block(rows.data(), M, W[i], n0, std::min<int64_t>(8, N[i] - n0), K, B[i], Y[i], N[i], next);
+      block(rows.data(), M, W[i], n0, nn, K, B[i], Y[i], N[i], next);
     }
   });
   return out;
 }
 
-at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const Bias& b) {
-  return small_linears(x, {w}, {b})[0];
+at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const Bias& b, const Bias& p) {
+  return small_linears(x, {w}, {b}, {p})[0];
 }
 
 std::tuple<at::Tensor, at::Tensor> small_linear2(const at::Tensor& x, const at::Tensor& w0, const Bias& b0,
-                                                 const at::Tensor& w1, const Bias& b1) {
-  auto y = small_linears(x, {w0, w1}, {b0, b1});
+                                                 const at::Tensor& w1, const Bias& b1, const Bias& p0,
+                                                 const Bias& p1) {
+  auto y = small_linears(x, {w0, w1}, {b0, b1}, {p0, p1});
   return {y[0], y[1]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> small_linear3(const at::Tensor& x, const at::Tensor& w0, const Bias& b0,
                                                              const at::Tensor& w1, const Bias& b1,
-                                                             const at::Tensor& w2, const Bias& b2) {
-  auto y = small_linears(x, {w0, w1, w2}, {b0, b1, b2});
+                                                             const at::Tensor& w2, const Bias& b2, const Bias& p0,
+                                                             const Bias& p1, const Bias& p2) {
+  auto y = small_linears(x, {w0, w1, w2}, {b0, b1, b2}, {p0, p1, p2});
   return {y[0], y[1], y[2]};
 }
 
@@ -226,12 +337,15 @@ at::Tensor small_experts(const at::Tensor& x_, const at::Tensor& gate_up_, const
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(r1kit_cpu, m) {
-  m.def("small_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("pack_panels(Tensor w) -> Tensor");
+  m.impl("pack_panels", c10::DispatchKey::CPU, &pack_panels);
+  m.def("small_linear(Tensor x, Tensor w, Tensor? bias, Tensor? packed) -> Tensor");
   m.impl("small_linear", c10::DispatchKey::CPU, &small_linear);
-  m.def("small_linear2(Tensor x, Tensor w0, Tensor? b0, Tensor w1, Tensor? b1) -> (Tensor, Tensor)");
+  m.def("small_linear2(Tensor x, Tensor w0, Tensor? b0, Tensor w1, Tensor? b1, Tensor? p0, Tensor? p1) -> "
+        "(Tensor, Tensor)");
   m.impl("small_linear2", c10::DispatchKey::CPU, &small_linear2);
-  m.def("small_linear3(Tensor x, Tensor w0, Tensor? b0, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2) -> "
-        "(Tensor, Tensor, Tensor)");
+  m.def("small_linear3(Tensor x, Tensor w0, Tensor? b0, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, "
+        "Tensor? p0, Tensor? p1, Tensor? p2) -> (Tensor, Tensor, Tensor)");
   m.impl("small_linear3", c10::DispatchKey::CPU, &small_linear3);
   m.def("small_experts(Tensor x, Tensor gate_up, Tensor down, Tensor indices, Tensor weights) -> Tensor");
   m.impl("small_experts", c10::DispatchKey::CPU, &small_experts);
