@@ -783,7 +783,7 @@ class Engine:
 
 
 # -------------------------------------------------------------------------------------------- offline API
-PACK_AUTO_BYTES = 1 << 30  # an LLM packs the projections of a checkpoint it loads up to this size (the copy costs as much)
+PACK_AUTO_BYTES = 1 << 30  # LLM packs a checkpoint it loads up to this size (the packs cost as much again)
 
 
 class LLM:

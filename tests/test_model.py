@@ -96,7 +96,8 @@ def test_a_stale_pack_is_never_read():
     packed = M.cpu_kernel("pack_panels")(w)
     with torch.no_grad():
         w.mul_(-1)
-    torch.testing.assert_close(torch.ops.r1kit_cpu.small_linear(x, w, None, packed), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.ops.r1kit_cpu.small_linear(x, w, None, packed), F.linear(x, w),
+                               rtol=1e-5, atol=1e-4)
     other = torch.randn(40, 24)
     torch.testing.assert_close(torch.ops.r1kit_cpu.small_linear(x, other, None, packed), F.linear(x, other),
                                rtol=1e-5, atol=1e-4)
