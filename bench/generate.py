@@ -2,7 +2,8 @@
 
 The tiny DeepSeek-V3 of shared/BASELINES.md (random weights, fp32, 2 threads), and a dense Qwen2 of similar size:
 - decode tokens/s at batch 1 and 16 (prompt 32, 128 new tokens, greedy, EOS ignored), wall time incl. prefill, the
-  median of 3 (--quick) or 5 generations, r1kit and transformers taking turns;
+  median of 3 (--quick) or 5 generations, r1kit (compiled and eager, projections packed as for a checkpoint the
+  LLM loads itself) and transformers taking turns;
 - decode step time against context length (batch 1): 32 / 256 / 1k / 2k / 4k tokens of prompt, the median of 64
   steps each timed alone (r1kit's engine stepped by hand; transformers' one-token forwards on its cache);
 - KV-cache bytes per token;
