@@ -320,7 +320,7 @@ class Engine:
         self._params = list(model.parameters())
         self._weights_version = self._version()
         # the projections' weights again in 16-column panels, for decode steps of 8+ rows (M.pack_linears)
-        self.packed_bytes = M.pack_linears(model) if pack_weights and self.device.type == "cpu" else 0
+        self.packed_bytes = M.pack_linears(model) if pack_weights else 0  # (0 off CPU: only CPU weights pack)
 
     # -- requests ----------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

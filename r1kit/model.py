@@ -91,7 +91,7 @@ def linears(x: Tensor, *projections: Linear) -> list[Tensor]:
 
 def pack_linears(model: nn.Module, *, refresh: bool = False) -> int:
     """Give every float32 CPU `Linear` of `model` a copy of its weight in 16-column panels (`Linear.packed`), which
-    the decode kernel reads from 8 rows on (1.2-1.3x the plain layout on a step's projections; bench/generate.py).
+    the decode kernel reads from 8 rows on (1.3x the plain layout on a step's projections, docs/BENCHMARKS.md).
     It costs the weights' memory again. With refresh=True, only the linears packed before are packed anew, in place
     (compiled graphs keep reading the same tensors): call it after changing the weights. A pack that no longer
     matches its weight's version counter is ignored by the kernel, but an update that does not move the counter
