@@ -46,15 +46,16 @@ def test_absorbed_equals_naive_with_and_without_cache(in_place, monkeypatch):
             torch.testing.assert_close(torch.cat(steps, dim=1), naive, rtol=1e-5, atol=1e-5)
 
 
+# odd widths (vector tails), and the benchmark's shape, whose 64 value columns split into uneven register tiles
+@pytest.mark.parametrize("R,D", [(24, 24 + 3), (64, 64 + 16)])
 @pytest.mark.parametrize("H", [5, 8, 16])  # 8 and 16 heads: the lane-per-row path (groups of eight rows)
 @pytest.mark.parametrize("T,lengths", [(1, [1, 300, 2600]), (3, [3, 1030]), (2, [513])])
-def test_latent_attention_kernel_equals_reference(T, lengths, H):
+def test_latent_attention_kernel_equals_reference(T, lengths, H, R, D):
     """The one-pass C++ kernel against two matmuls a row: ragged rows in any slots, causal verify rows, and keys
     split into chunks across threads (from 256 keys a chunk) whose partial softmaxes are merged."""
     # the suite needs a C++ compiler anyway (torch.compile's CPU tests): the kernel must build where it runs
     assert M.decode_kernel("latent_attention") is not None, "the C++ decode kernel did not build"
     torch.manual_seed(0)
-    R, D = 24, 24 + 3  # odd widths: vector tails
     cache = torch.randn(4, 2700, D)
     slots = torch.tensor([3, 0, 1][: len(lengths)])
     positions = torch.stack([torch.arange(n - T, n) for n in lengths])
