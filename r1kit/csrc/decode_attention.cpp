@@ -33,6 +33,16 @@ constexpr int64_t kPrefetch = 32;   // keys ahead that the lane-per-row path pre
 
 using Vec = at::vec::Vectorized<float>;
 
+// Keep a loaded vector in a register: otherwise the compiler folds the load into every FMA that reads it, and the
+// extra loads, not the FMAs, set the pace (the multi-row value tile below: 1.07x with it).
+inline void in_register(Vec& v) {
+#if defined(CPU_CAPABILITY_AVX2)
+  __m256 r = v;
+  asm("" : "+x"(r));
+  v = r;
+#endif
+}
+
 // scores[k] = q . keys[k] for `n` (<= 8) key rows: one accumulator per key, so the FMA chains run side by side.
 inline void dots(const float* q, const float* keys, int64_t stride, int64_t n, int64_t D, float* scores) {
 #if defined(CPU_CAPABILITY_AVX2)
@@ -67,41 +77,74 @@ inline void dots(const float* q, const float* keys, int64_t stride, int64_t n, i
   }
 }
 
-// acc[0 : NV * 8] = acc * alpha + sum_j p[j * ps] * keys[j][0 : NV * 8]: NV independent accumulators in registers.
-template <int NV>
-inline void accumulate_tile(float* acc, float alpha, const float* p, int64_t ps, const float* keys, int64_t stride,
-                            int64_t count) {
-  Vec a[NV];
-  for (int v = 0; v < NV; ++v) a[v] = Vec::loadu(acc + v * Vec::size()) * Vec(alpha);
-  for (int64_t j = 0; j < count; ++j) {
-    const Vec pj(p[j * ps]);
-    const float* k = keys + j * stride;
-    for (int v = 0; v < NV; ++v) a[v] = at::vec::fmadd(pj, Vec::loadu(k + v * Vec::size()), a[v]);
+// For NR query rows at once: acc[r][0 : NV * W] = acc[r] * alpha[r] + sum_k p[r][k] * vals[k][0 : NV * W]. Each value
+// vector is loaded once for the NR rows: NR x NV accumulators, that many independent FMA chains.
+template <int NR, int NV>
+inline void accumulate_tile(float* acc, int64_t acc_stride, const float* alpha, const float* p, int64_t ps,
+                            const float* vals, int64_t stride, int64_t count) {
+  constexpr int64_t W = Vec::size();
+  Vec a[NR][NV];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < NV; ++v) a[r][v] = Vec::loadu(acc + r * acc_stride + v * W) * Vec(alpha[r]);
+  for (int64_t k = 0; k < count; ++k) {
+    Vec x[NV];
+    for (int v = 0; v < NV; ++v) {
+      x[v] = Vec::loadu(vals + k * stride + v * W);
+      in_register(x[v]);
+    }
+    for (int r = 0; r < NR; ++r) {
+      const Vec pr(p[r * ps + k]);
+      for (int v = 0; v < NV; ++v) a[r][v] = at::vec::fmadd(pr, x[v], a[r][v]);
+    }
   }
-  for (int v = 0; v < NV; ++v) a[v].store(acc + v * Vec::size());
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < NV; ++v) a[r][v].store(acc + r * acc_stride + v * W);
 }
 
-// acc[0:n] = acc * alpha + sum_j p[j * ps] * keys[j][0:n], for the first `count` keys of a block
-inline void accumulate(float* acc, float alpha, const float* p, int64_t ps, const float* keys, int64_t stride,
-                       int64_t count, int64_t n) {
+// accumulate_tile for the `left` (< NV) vectors after the last tile of NV, as one tile of `left`.
+template <int NR, int NV>
+inline void accumulate_left(float* acc, int64_t acc_stride, const float* alpha, const float* p, int64_t ps,
+                            const float* vals, int64_t stride, int64_t count, int64_t left) {
+  if constexpr (NV > 1) {
+    if (left == NV - 1)
+      accumulate_tile<NR, NV - 1>(acc, acc_stride, alpha, p, ps, vals, stride, count);
+    else
+      accumulate_left<NR, NV - 1>(acc, acc_stride, alpha, p, ps, vals, stride, count, left);
+  }
+}
+
+// accumulate_tile over all R columns of NR rows: tiles of NV vectors, one tile of the vectors left, then the
+// columns past the last whole vector.
+template <int NR, int NV>
+inline void accumulate_rows(float* acc, int64_t acc_stride, const float* alpha, const float* p, int64_t ps,
+                            const float* vals, int64_t stride, int64_t count, int64_t R) {
   constexpr int64_t W = Vec::size();
   int64_t d = 0;
-  for (; d + 8 * W <= n; d += 8 * W) accumulate_tile<8>(acc + d, alpha, p, ps, keys + d, stride, count);
-  switch ((n - d) / W) {
-    case 7: accumulate_tile<7>(acc + d, alpha, p, ps, keys + d, stride, count); break;
-    case 6: accumulate_tile<6>(acc + d, alpha, p, ps, keys + d, stride, count); break;
-    case 5: accumulate_tile<5>(acc + d, alpha, p, ps, keys + d, stride, count); break;
-    case 4: accumulate_tile<4>(acc + d, alpha, p, ps, keys + d, stride, count); break;
-    case 3: accumulate_tile<3>(acc + d, alpha, p, ps, keys + d, stride, count); break;
-    case 2: accumulate_tile<2>(acc + d, alpha, p, ps, keys + d, stride, count); break;
-    case 1: accumulate_tile<1>(acc + d, alpha, p, ps, keys + d, stride, count); break;
-    default: break;
+  for (; d + NV * W <= R; d += NV * W)
+    accumulate_tile<NR, NV>(acc + d, acc_stride, alpha, p, ps, vals + d, stride, count);
+  if (const int64_t left = (R - d) / W; left > 0) {
+    accumulate_left<NR, NV>(acc + d, acc_stride, alpha, p, ps, vals + d, stride, count, left);
+    d += left * W;
   }
-  d += (n - d) / W * W;
-  for (; d < n; ++d) {
-    float a = acc[d] * alpha;
-    for (int64_t j = 0; j < count; ++j) a += p[j * ps] * keys[j * stride + d];
-    acc[d] = a;
+  for (; d < R; ++d)
+    for (int r = 0; r < NR; ++r) {
+      float x = acc[r * acc_stride + d] * alpha[r];
+      for (int64_t k = 0; k < count; ++k) x += p[r * ps + k] * vals[k * stride + d];
+      acc[r * acc_stride + d] = x;
+    }
+}
+
+// The values of `nr` query rows that see the same `count` keys, up to four rows at a time (8-9 accumulators: the
+// FMA latency is covered, and registers are left for the value vectors).
+inline void accumulate(float* acc, int64_t acc_stride, const float* alpha, const float* p, int64_t ps,
+                       const float* vals, int64_t stride, int64_t count, int64_t R, int64_t nr) {
+  for (; nr >= 4; nr -= 4, acc += 4 * acc_stride, alpha += 4, p += 4 * ps)
+    accumulate_rows<4, 2>(acc, acc_stride, alpha, p, ps, vals, stride, count, R);
+  switch (nr) {
+    case 3: accumulate_rows<3, 3>(acc, acc_stride, alpha, p, ps, vals, stride, count, R); break;
+    case 2: accumulate_rows<2, 4>(acc, acc_stride, alpha, p, ps, vals, stride, count, R); break;
+    case 1: accumulate_rows<1, 8>(acc, acc_stride, alpha, p, ps, vals, stride, count, R); break;
+    default: break;
   }
 }
 
@@ -230,7 +273,8 @@ void attend_chunk(const float* q, const float* keys, const float* vals, int64_t 
   std::fill(m, m + rows, neg_inf);
   std::fill(l, l + rows, 0.f);
   std::fill(acc, acc + rows * R, 0.f);
-  std::vector<float> scores(rows * kBlock);
+  std::vector<float> scores(rows * kBlock), alpha(rows);
+  std::vector<int64_t> count(rows);
   for (int64_t s = s0; s < s1; s += kBlock) {
     const int64_t n = std::min(kBlock, s1 - s);
     const float* kb = keys + s * D;
@@ -252,19 +296,23 @@ void attend_chunk(const float* q, const float* keys, const float* vals, int64_t 
     for (; i < rows; ++i)
       for (int64_t j = 0; j < n; j += 8) dots(q + i * D, kb + j * D, D, std::min<int64_t>(8, n - j), D,
                                               sc + i * kBlock + j);
-    for (int64_t i = 0; i < rows; ++i) {  // the online softmax, then the values
-      const int64_t count = std::min(n, visible[i] - s);  // keys this query row may see in the block
-      if (count <= 0) continue;
+    for (int64_t i = 0; i < rows; ++i) {  // the online softmax
+      count[i] = std::min(n, visible[i] - s);  // keys this query row may see in the block
+      if (count[i] <= 0) continue;
       float* p = sc + i * kBlock;
       const float block_max = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); },
-                                                         p, count);
+                                                         p, count[i]);
       const float m_new = std::max(m[i], block_max);
-      const float alpha = std::exp(m[i] - m_new);  // 0 on the first block (m = -inf)
-      at::vec::map([m_new](Vec x) { return (x - Vec(m_new)).exp_u20(); }, p, p, count);
-      const float sum = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, p, count);
-      l[i] = l[i] * alpha + sum;
+      alpha[i] = std::exp(m[i] - m_new);  // 0 on the first block (m = -inf)
+      at::vec::map([m_new](Vec x) { return (x - Vec(m_new)).exp_u20(); }, p, p, count[i]);
+      l[i] = l[i] * alpha[i] + at::vec::reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, p, count[i]);
       m[i] = m_new;
-      accumulate(acc + i * R, alpha, p, 1, vals + s * val_stride, val_stride, count, R);
+    }
+    for (int64_t i = 0, j; i < rows; i = j) {  // the values, for each run of rows that see the same keys
+      for (j = i + 1; j < rows && count[j] == count[i]; ++j) {}
+      if (count[i] > 0)
+        accumulate(acc + i * R, R, alpha.data() + i, sc + i * kBlock, kBlock, vals + s * val_stride, val_stride,
+                   count[i], R, j - i);
     }
   }
 }
