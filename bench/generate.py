@@ -5,7 +5,8 @@ The tiny DeepSeek-V3 of shared/BASELINES.md (random weights, fp32, 2 threads), a
   median of 3 (--quick) or 5 generations, r1kit (compiled and eager, projections packed as for a checkpoint the
   LLM loads itself) and transformers taking turns;
 - decode step time against context length (batch 1): 32 / 256 / 1k / 2k / 4k tokens of prompt, the median of 64
-  steps each timed alone (r1kit's engine stepped by hand; transformers' one-token forwards on its cache);
+  steps each timed alone (r1kit's engine stepped by hand; transformers' one-token forwards on its cache), measured
+  in 3 or 5 rounds over all the contexts; the medians of the rounds, and the growth from 32 to the longest in each;
 - KV-cache bytes per token;
 - MTP speculative decoding at batch 1 on a 16-layer MLA+MoE model whose MTP head is trained (a few hundred steps
   on patterned text as long as the generation), with 1, 2 and 3 chained drafts, against plain decoding of the same
@@ -14,6 +15,7 @@ The tiny DeepSeek-V3 of shared/BASELINES.md (random weights, fp32, 2 threads), a
   DeepSeek-V3's MTP block is one of 62.
 
     .venv/bin/python bench/generate.py [--quick]       # prints a table, writes bench/results/generate.json
+    .venv/bin/python bench/generate.py --context-only  # only the step time against context (generate_context.json)
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def step_ms_hf(hf, ctx: int, steps: int = 64) -> float:
     return statistics.median(ts) * 1e3
 
 
-def decode_table(kind: str, reps: int, contexts: list[int]) -> dict:
+def decode_table(kind: str, reps: int, contexts: list[int], throughput: bool = True) -> dict:
     hf, ours = hf_pair(kind)
     # packed projections, as an LLM loading this checkpoint from its directory does by itself (`pack_weights`)
     eager = LLM(ours, max_num_seqs=16, max_model_len=max(contexts) + NEW + 8, pack_weights=True)
@@ -139,7 +141,7 @@ def decode_table(kind: str, reps: int, contexts: list[int]) -> dict:
         res["kv_cache_bytes_per_token"]["transformers"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
     else:
         res["kv_cache_bytes_per_token"]["transformers"] = llm.engine.cache.bytes_per_token
-    for batch in (1, 16):
+    for batch in (1, 16) if throughput else ():
         t = time_side_by_side(hf, {"compiled": llm, "eager": eager}, batch, reps)
         th, to, te = (statistics.median(t[k]) for k in ("transformers", "compiled", "eager"))
         res[f"batch{batch}"] = {"transformers_tokens_per_s": batch * NEW / th, "r1kit_tokens_per_s": batch * NEW / to,
@@ -147,15 +149,22 @@ def decode_table(kind: str, reps: int, contexts: list[int]) -> dict:
                                 "eager_speedup": th / te,  # medians; and each rep's ratio, for the spread:
                                 "speedup_per_rep": [h / o for h, o in zip(t["transformers"], t["compiled"])]}
         print(kind, f"batch {batch}", json.dumps(res[f"batch{batch}"]), flush=True)
-    res["step_ms_vs_context"] = {}
     for ctx in contexts:
         step_ms_ours(llm, ctx)  # compile warm-up at this context (a context past 4,096 keys is its own graph)
-        th, to = step_ms_hf(hf, ctx), step_ms_ours(llm, ctx)
-        res["step_ms_vs_context"][ctx] = {"transformers": th, "r1kit": to}
-        print(kind, f"context {ctx}", json.dumps(res["step_ms_vs_context"][ctx]), flush=True)
-    s = res["step_ms_vs_context"]
+    # rounds over all the contexts, so that a slow minute of this shared machine lands on one round, not one context
+    rounds = {ctx: {"transformers": [], "r1kit": []} for ctx in contexts}
+    for r in range(reps):
+        for ctx in contexts:
+            rounds[ctx]["transformers"].append(step_ms_hf(hf, ctx))
+            rounds[ctx]["r1kit"].append(step_ms_ours(llm, ctx))
+        print(kind, f"step ms by context, round {r + 1}:",
+              json.dumps({c: {k: round(v[-1], 3) for k, v in rounds[c].items()} for c in contexts}), flush=True)
+    res["step_ms_vs_context"] = {c: {k: statistics.median(v) for k, v in rounds[c].items()} for c in contexts}
+    first, last = contexts[0], contexts[-1]
     for name in ("transformers", "r1kit"):
-        res[f"{name}_growth_{contexts[0]}_to_{contexts[-1]}"] = s[contexts[-1]][name] / s[contexts[0]][name]
+        res[f"{name}_growth_{first}_to_{last}"] = (res["step_ms_vs_context"][last][name]
+                                                   / res["step_ms_vs_context"][first][name])
+        res[f"{name}_growth_per_round"] = [b / a for a, b in zip(rounds[first][name], rounds[last][name])]
     return res
 
 
@@ -227,22 +236,25 @@ def speculation(reps: int, steps: int, layers: int = 16, drafts=(1, 2, 3)) -> di
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--context-only", action="store_true", help="only the step time against context length")
     args = ap.parse_args()
     reps = 3 if args.quick else 5
     contexts = [32, 256, 1024, 2048, 4000] if not args.quick else [32, 1024]
     import transformers
 
     res = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": 2}
-    res["deepseek_v3"] = decode_table("deepseek_v3", reps, contexts)
-    res["qwen2"] = decode_table("qwen2", reps, [32, 1024] if args.quick else [32, 1024, 4000])
-    res["speculation"] = speculation(reps, 200 if args.quick else 300)
+    throughput = not args.context_only
+    res["deepseek_v3"] = decode_table("deepseek_v3", reps, contexts, throughput)
+    res["qwen2"] = decode_table("qwen2", reps, [32, 1024] if args.quick else [32, 1024, 4000], throughput)
+    if throughput:
+        res["speculation"] = speculation(reps, 200 if args.quick else 300)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "generate.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / ("generate_context.json" if args.context_only else "generate.json")).write_text(json.dumps(res, indent=1) + "\n")
     print()
     for kind in ("deepseek_v3", "qwen2"):
         r = res[kind]
-        for b in (1, 16):
+        for b in (1, 16) if throughput else ():
             x = r[f"batch{b}"]
             print(f"{kind:12s} batch {b:2d}  transformers {x['transformers_tokens_per_s']:7.0f} tok/s   "
                   f"r1kit {x['r1kit_tokens_per_s']:7.0f} tok/s   {x['speedup']:.2f}x   "
@@ -251,9 +263,13 @@ def main() -> None:
         ctx = list(r["step_ms_vs_context"])
         row = "  ".join(f"{c}: {r['step_ms_vs_context'][c]['transformers']:.1f}/{r['step_ms_vs_context'][c]['r1kit']:.1f}"
                         for c in ctx)
-        print(f"{kind:12s} step ms by context (transformers/r1kit)  {row}")
+        print(f"{kind:12s} step ms by context (transformers/r1kit, medians of {reps} rounds)  {row}")
+        g = [k for k in r if k.startswith("r1kit_growth_") and k != "r1kit_growth_per_round"][0]
+        print(f"{kind:12s} step growth {g[len('r1kit_growth_'):].replace('_to_', ' -> ')}: r1kit {r[g]:.2f}x "
+              f"(per round {', '.join(f'{x:.2f}' for x in r['r1kit_growth_per_round'])}), "
+              f"transformers {r[g.replace('r1kit', 'transformers')]:.2f}x")
         print(f"{kind:12s} KV bytes/token  {r['kv_cache_bytes_per_token']}")
-    s = res["speculation"]
+    s = res.get("speculation", {})
     for key in [k for k in s if k.startswith("drafts_")]:
         x = s[key]
         print(f"MTP speculation batch 1, {key}: {x['speedup']:.2f}x tokens/s against plain decoding in the same mode, "
