@@ -235,7 +235,7 @@ def speculation(reps: int, steps: int, layers: int = 16, drafts=(1, 2, 3)) -> di
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="3 reps, contexts 32 and 1k only, shorter speculation")
     ap.add_argument("--context-only", action="store_true", help="only the step time against context length")
     args = ap.parse_args()
     reps = 3 if args.quick else 5
