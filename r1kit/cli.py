@@ -81,6 +81,10 @@ def _generate(args: argparse.Namespace) -> int:
     if not prompts:
         print("r1kit generate: error: give at least one prompt (argument or --file)", file=sys.stderr)
         return 2
+    if args.min_thinking and not args.thinking_budget:
+        print("r1kit generate: error: --min-thinking extends reasoning under a budget: give --thinking-budget too",
+              file=sys.stderr)
+        return 2
     llm = LLM(args.model, speculative=args.speculative, max_num_seqs=max(64, args.n))
     tok = llm.tokenizer
     if tok is None:
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("generate", help="sample from a checkpoint: majority vote, best-of-N, thinking budgets")
     p.add_argument("model", help="checkpoint directory (with tokenizer.json)")
-    p.add_argument("prompt", nargs="*", help="prompts (user messages when --chat)")
+    p.add_argument("prompt", nargs="*", help="prompts, each sent as a user message through the chat template (as-is with --raw)")
     p.add_argument("--file", help="a text file with one prompt per line")
     p.add_argument("--raw", dest="chat", action="store_false", help="send prompts as-is, without the chat template")
     p.add_argument("--n", type=int, default=1, help="samples per prompt (default: 1)")

@@ -57,3 +57,11 @@ def test_budget_forcing_extends_short_reasoning(llm):
                                min_thinking=10, max_waits=2, answer_tokens=3)
     for s in out[0]:
         assert s.waits == 2 and s.reasoning.count("Wait") == 2 and not s.budget_hit
+
+
+def test_cli_min_thinking_without_a_budget_is_an_error(capsys):
+    from r1kit.cli import main
+
+    assert main(["generate", "no-model-needed", "1 plus 2", "--min-thinking", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--min-thinking" in err and "--thinking-budget" in err
