@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import operator
 import os
 import queue
 import threading
@@ -332,7 +333,10 @@ class Engine:
                                    param="prompt")
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
-            text, ids = None, [int(t) for t in prompt]
+            try:  # ints of any kind (Python, numpy, 0-d tensors), not floats
+                text, ids = None, [operator.index(t) for t in prompt]
+            except TypeError:
+                raise RequestError(f"prompt token ids must be integers, got {list(prompt)[:8]!r}", param="prompt") from None
         if not ids:
             raise RequestError("the prompt is empty", param="prompt")
         vocab = self.model.config.vocab_size

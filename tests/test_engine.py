@@ -346,6 +346,9 @@ def test_bad_requests_name_the_parameter(mla):
         engine.add_request([3, 4], SamplingParams(n=3))
     with pytest.raises(RequestError, match="text prompt needs a tokenizer"):
         engine.add_request("hello")
+    with pytest.raises(RequestError, match="must be integers") as e:
+        engine.add_request([3, 4.5])  # a float id is a mistake, not something to truncate
+    assert e.value.param == "prompt"
 
 
 def test_async_stream_and_cancel_frees_slots(mla):
