@@ -85,7 +85,8 @@ def _generate(args: argparse.Namespace) -> int:
         print("r1kit generate: error: --min-thinking extends reasoning under a budget: give --thinking-budget too",
               file=sys.stderr)
         return 2
-    llm = LLM(args.model, speculative=args.speculative, max_num_seqs=max(64, args.n))
+    llm = LLM(args.model, speculative=args.speculative, max_num_seqs=max(64, args.n),
+              kv_cache_dtype=args.kv_cache_dtype)
     tok = llm.tokenizer
     if tok is None:
         print(f"r1kit generate: error: {args.model} has no tokenizer.json; text prompts need one", file=sys.stderr)
@@ -245,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                                                           "'accuracy=1,format=0.1' (accuracy needs --answer)")
     p.add_argument("--thinking-budget", type=int, default=0, help="cap the reasoning at this many tokens")
     p.add_argument("--min-thinking", type=int, default=0, help="extend reasoning shorter than this with 'Wait'")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="the K/V cache's element type: 16-bit halves its memory and the bytes a long-context step "
+                        "reads, rounding keys and values as they are stored (default: auto, the model's)")
     p.add_argument("--speculative", type=int, nargs="?", const=1, default=0, metavar="K",
                    help="draft K tokens a step with the model's MTP module, chained (K defaults to 1)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -259,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--served-model-name", help="the model's name in the API (default: DIR's basename)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and cache (default: bfloat16 on GPU, float32 on CPU)")
+                   help="weights, and the cache unless --kv-cache-dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="the K/V cache's element type: 16-bit halves its memory and the bytes a long-context step "
+                        "reads, rounding keys and values as they are stored (default: auto, the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences generated at once (default: 64)")
     p.add_argument("--max-model-len", type=int, help="context length in tokens (default: the model's)")
     p.add_argument("--max-queue", type=int, default=256,

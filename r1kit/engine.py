@@ -20,6 +20,8 @@ How it works (one `Engine.step()`):
 On CPU, `pack_weights` keeps a second copy of the projections' weights in 16-column panels, which decode steps of
 8+ rows read 1.3x faster (`M.pack_linears`). An LLM packs a checkpoint it loads itself (up to 1 GiB of weights);
 on live weights it packs only when asked, and then `refresh_weights()` after an update the version counters miss.
+`kv_cache_dtype="float16"` (or "bfloat16") keeps the cache in 16 bits: half the memory, and half the bytes a
+long-context step reads, at the price of rounding keys and values as they are stored (default: the model's dtype).
 
 Sampling needs no host synchronisation and no per-request generator: a sample is argmax(logits/T - log E)
 with E ~ Exp(1) noise derived by hashing (request seed, sample index, step, token id). A request's samples are
@@ -251,12 +253,29 @@ class _Request:
 
 
 # -------------------------------------------------------------------------------------------------- engine
+KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def cache_dtype(kv_cache_dtype: torch.dtype | str | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache's element type: the model's ("auto" / None), or float32, float16 or bfloat16 (a name or a dtype).
+    A 16-bit cache halves the bytes every decode step reads (long contexts are bound by them on CPU) and rounds the
+    keys and values as they are stored."""
+    if kv_cache_dtype is None or kv_cache_dtype == "auto":
+        return model_dtype
+    dtype = KV_CACHE_DTYPES.get(kv_cache_dtype, kv_cache_dtype) if isinstance(kv_cache_dtype, str) else kv_cache_dtype
+    if dtype not in KV_CACHE_DTYPES.values():
+        raise RequestError(f"kv_cache_dtype={kv_cache_dtype!r}: must be 'auto' or one of {', '.join(KV_CACHE_DTYPES)}",
+                           param="kv_cache_dtype")
+    return dtype
+
+
 class Engine:
     """Step-driven scheduler over a preallocated cache. Not thread-safe: `AsyncEngine` drives it from one thread."""
 
     def __init__(self, model: M.Transformer, tokenizer=None, *, max_num_seqs: int = 64, max_model_len: int | None = None,
-                 dtype: torch.dtype | None = None, enable_prefix_caching: bool = True, speculative: bool | int = False,
-                 eos_token_ids: Iterable[int] | None = None, compile: bool = False, pack_weights: bool = False):
+                 kv_cache_dtype: torch.dtype | str | None = None, enable_prefix_caching: bool = True,
+                 speculative: bool | int = False, eos_token_ids: Iterable[int] | None = None, compile: bool = False,
+                 pack_weights: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         # The one-token decode step is hundreds of small ops; compiled, they fuse into one graph (measured:
@@ -303,7 +322,7 @@ class Engine:
         # One row more than any context: the keys attended over (`_kv_len`) never span the whole buffer, which a
         # compiled step would otherwise treat as a new shape (a recompile when a sequence reaches the limit).
         self.cache = M.KVCache(cfg, max_num_seqs, self.max_model_len + 1, device=self.device,
-                               dtype=dtype or next(model.parameters()).dtype, with_mtp=speculative)
+                               dtype=cache_dtype(kv_cache_dtype, next(model.parameters()).dtype), with_mtp=speculative)
         eos = list(eos_token_ids) if eos_token_ids is not None else list(cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
@@ -795,7 +814,8 @@ class LLM:
 
     def __init__(self, model: str | Path | M.Transformer, tokenizer=None, *, device=None, dtype=None,
                  max_num_seqs: int = 64, max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 speculative: bool | int = False, compile: bool = False, pack_weights: bool | None = None):
+                 speculative: bool | int = False, compile: bool = False, pack_weights: bool | None = None,
+                 kv_cache_dtype: torch.dtype | str | None = None):
         owned = isinstance(model, (str, Path))
         if owned:
             path = Path(model)
@@ -808,8 +828,8 @@ class LLM:
         if pack_weights is None:  # a checkpoint this LLM loaded: nothing else changes its weights; and not too big
             pack_weights = owned and sum(p.nbytes for p in model.parameters()) <= PACK_AUTO_BYTES
         self.engine = Engine(model, tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                             enable_prefix_caching=enable_prefix_caching, speculative=speculative, compile=compile,
-                             pack_weights=pack_weights)
+                             kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=enable_prefix_caching,
+                             speculative=speculative, compile=compile, pack_weights=pack_weights)
 
     @property
     def stats(self) -> EngineStats:

@@ -194,7 +194,8 @@ class KVCache:
 
     MLA layers keep one tensor (slots, max_len, kv_lora_rank + qk_rope_head_dim): the normalised latent c_kv and
     the rotated shared key k_pe side by side, which is at once the absorbed path's key (all of it) and value (the
-    first kv_lora_rank columns). Dense layers keep K and V as (slots, n_kv_heads, max_len, head_dim).
+    first kv_lora_rank columns). Dense layers keep K and V as (slots, n_kv_heads, max_len, head_dim). `dtype` may be
+    narrower than the model's (a 16-bit cache): rows are rounded when stored and read back in the model's dtype.
     """
 
     def __init__(self, config: ModelConfig, max_slots: int, max_len: int, *, device=None, dtype=torch.float32,
@@ -242,11 +243,12 @@ class Context:
         return self.slots if self.slots is not None else torch.arange(B, device=self.positions.device)
 
     def write(self, layer: int, buf: Tensor, new: Tensor) -> Tensor:
-        """Store `new` (B, T, ...) at each row's positions in `buf` and return the rows (B, kv_len, ...)."""
+        """Store `new` (B, T, ...) at each row's positions in `buf` and return the rows (B, kv_len, ...) in new's
+        dtype."""
         self.store(buf, new)
         if self.slots is None:
-            return buf[: new.shape[0], : self.kv_len]
-        return buf[self.slots, : self.kv_len]
+            return buf[: new.shape[0], : self.kv_len].to(new.dtype)
+        return buf[self.slots, : self.kv_len].to(new.dtype)
 
     def store_heads(self, buf: Tensor, new: Tensor) -> None:
         """As `store`, for a (slots, heads, len, dim) buffer and new (B, T, heads, dim)."""
@@ -256,8 +258,8 @@ class Context:
         """As `write`, for a (slots, heads, len, dim) buffer and new (B, T, heads, dim)."""
         self.store_heads(buf, new)
         if self.slots is None:
-            return buf[: new.shape[0], :, : self.kv_len]
-        return buf[self.slots, :, : self.kv_len]
+            return buf[: new.shape[0], :, : self.kv_len].to(new.dtype)
+        return buf[self.slots, :, : self.kv_len].to(new.dtype)
 
 
 # --------------------------------------------------------------------------------------------------- MLA
@@ -320,7 +322,7 @@ class MLA(nn.Module):
             # layer and step. The C++ kernel wins at every length (8 heads: 5 vs 57 us at 32 keys, 92 vs 325 at 4k);
             # its PyTorch twin, two matmuls a row, only from ~1k keys.
             buf = ctx.cache.layers[self.layer_idx]
-            attend = decode_kernel("latent_attention", buf)
+            attend = decode_kernel("latent_attention", buf, latent.dtype)
             if attend is None and ctx.kv_len >= LATENT_IN_PLACE:
                 attend = latent_attention
         if attend is not None:
@@ -401,7 +403,7 @@ def latent_attention(qq: Tensor, cache: Tensor, slots: Tensor, positions: Tensor
     B, T = positions.shape
     out = qq.new_empty(B, qq.shape[1], rank)
     for b, (slot, last) in enumerate(zip(slots.tolist(), positions[:, -1].tolist())):
-        keys = cache[slot, : last + 1]  # (S, r + dr), a view: positions grow along a row
+        keys = cache[slot, : last + 1].to(qq.dtype)  # (S, r + dr): a view of the row, a copy from a 16-bit cache
         scores = torch.mm(qq[b], keys.t())  # (T*H, S)
         if T > 1:
             hidden = torch.arange(last + 1, device=qq.device) > positions[b, :, None]  # (T, S)
@@ -430,12 +432,17 @@ def cpu_kernel(name: str):
     return op
 
 
-def decode_kernel(name: str, cache: Tensor | None = None):
+def decode_kernel(name: str, cache: Tensor | None = None, dtype: torch.dtype = torch.float32):
     """The C++ decode-attention op `name` (csrc/decode_attention.cpp: one pass over the keys, split across threads)
-    when it can serve `cache` (float32, contiguous, on CPU) and has been built; else None."""
-    if cache is not None and (cache.dtype != torch.float32 or not cache.is_contiguous() or cache.device.type != "cpu"):
+    when it can serve `cache` (float32, float16 or bfloat16, contiguous, on CPU) for queries of `dtype` (float32)
+    and has been built; else None."""
+    if dtype != torch.float32 or cache is not None and (
+            cache.dtype not in CACHE_DTYPES or not cache.is_contiguous() or cache.device.type != "cpu"):
         return None
     return cpu_kernel(name)
+
+
+CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the caches the decode kernels read
 
 
 _KERNELS = {  # op -> (source file in csrc/, its shapes for torch.compile)
@@ -472,7 +479,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if ctx.cache is not None:
             kbuf, vbuf = ctx.cache.layers[self.layer_idx]
-            attend = decode_kernel("gqa_attention", kbuf) if T <= 8 and vbuf.is_contiguous() else None
+            attend = decode_kernel("gqa_attention", kbuf, q.dtype) if T <= 8 and vbuf.is_contiguous() else None
             if attend is not None:  # in the cache rows themselves, nothing gathered
                 ctx.store_heads(kbuf, k), ctx.store_heads(vbuf, v)
                 return self.o_proj(self._fold(attend, q * self.head_dim**-0.5, kbuf, vbuf, ctx.rows(B), ctx.positions))

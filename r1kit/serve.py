@@ -826,8 +826,8 @@ def build(args: argparse.Namespace) -> tuple[OpenAIServer, FastAPI]:
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model = M.load(path, device=device, dtype=dtype).eval()
     tokenizer = load_tokenizer(path)
-    engine = AsyncEngine(Engine(model, tokenizer, max_num_seqs=args.max_num_seqs,
-                                        max_model_len=args.max_model_len))
+    engine = AsyncEngine(Engine(model, tokenizer, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                                kv_cache_dtype=args.kv_cache_dtype))
     prices = dict(input_cache_miss=args.price_input_miss, input_cache_hit=args.price_input_hit,
                   output=args.price_output)
     gen = path / "generation_config.json"

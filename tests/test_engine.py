@@ -60,6 +60,23 @@ def test_greedy_equals_uncached_argmax(which, mla, dense):
         assert o.outputs[0].finish_reason == "length" and o.prompt_token_ids == p
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("which", ["mla", "dense"])
+def test_16bit_cache_through_the_kernels_equals_the_gathered_path(which, kv_cache_dtype, mla, dense, monkeypatch):
+    """A 16-bit cache: the C++ kernels read it in place, and decode the same tokens as the PyTorch path that gathers
+    the same rounded rows; the cache takes half the bytes."""
+    model = {"mla": mla, "dense": dense}[which]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    llm = LLM(model, max_num_seqs=4, kv_cache_dtype=kv_cache_dtype)
+    assert llm.engine.cache.bytes_per_token * 2 == LLM(model, max_num_seqs=4).engine.cache.bytes_per_token
+    fast = llm.generate(PROMPTS, params)
+    monkeypatch.setattr(M, "decode_kernel", lambda *a, **k: None)
+    gathered = LLM(model, max_num_seqs=4, kv_cache_dtype=kv_cache_dtype).generate(PROMPTS, params)
+    assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in gathered]
+    with pytest.raises(RequestError, match="kv_cache_dtype='int8'"):
+        LLM(model, kv_cache_dtype="int8")
+
+
 def test_compiled_decode_step_equals_eager(mla):
     # One compiled graph serves every batch size above 1 and every context length (symbolic shapes): a request
     # leaves early (max_tokens), so the batch shrinks from 3 to 2, while the context grows past one 64-key block.

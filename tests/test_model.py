@@ -205,10 +205,36 @@ def test_gqa_attention_kernel_equals_gathered(T, lengths, D, G):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,lengths", [(1, [1, 300, 2600]), (3, [3, 1030])])
+def test_decode_kernels_read_16bit_caches(T, lengths, dtype):
+    """A 16-bit cache, converted block by block: the kernels equal the reference on the same rounded rows, in the
+    lane path (8 heads or query heads a key head) and outside it, with and without a column tail."""
+    assert M.decode_kernel("latent_attention", torch.empty(1, dtype=dtype)) is not None
+    torch.manual_seed(0)
+    slots = torch.tensor([3, 0, 1][: len(lengths)])
+    positions = torch.stack([torch.arange(n - T, n) for n in lengths])
+    S = max(lengths)
+    for H, R, D in [(8, 64, 80), (5, 24, 27)]:
+        cache = torch.randn(4, 2700, D).to(dtype)
+        qq = torch.randn(len(lengths), T * H, D)
+        got = torch.ops.r1kit_cpu.latent_attention(qq, cache, slots, positions, H, R)
+        want = M.latent_attention(qq, cache.float(), slots, positions, H, R)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    bias = torch.where(torch.arange(S) <= positions[..., None], 0.0, float("-inf"))[:, :, None]
+    for G, D in [(8, 32), (4, 20)]:
+        k_cache, v_cache = torch.randn(4, 2, 2700, D).to(dtype), torch.randn(4, 2, 2700, D).to(dtype)
+        q = torch.randn(len(lengths), 2, T * G, D)
+        got = torch.ops.r1kit_cpu.gqa_attention(q * D**-0.5, k_cache, v_cache, slots, positions)
+        want = M.Attention._decode(q, k_cache.float()[slots, :, :S], v_cache.float()[slots, :, :S], bias)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_cache_bytes_per_token_is_the_latent():
     cfg = C.tiny()
     cache = M.KVCache(cfg, 1, 8)
     assert cache.bytes_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
+    assert M.KVCache(cfg, 1, 8, dtype=torch.float16).bytes_per_token == cache.bytes_per_token // 2
     dense = C.tiny_dense()
     assert M.KVCache(dense, 1, 8, dtype=torch.bfloat16).bytes_per_token == (
         2 * dense.num_key_value_heads * dense.head_dim * dense.num_hidden_layers * 2)

@@ -6,6 +6,7 @@
 // r1kit_cpu::gqa_attention: grouped-query attention. q (B, Hkv, T*G, D) float32, already scaled, the G query heads
 // of each key head folded into its rows (t-major); k_cache, v_cache (slots, Hkv, max_len, D). -> (B, Hkv, T*G, D).
 // In both, slots (B,) and positions (B, T) are int64, and query t of row b sees the keys at 0 .. positions[b, t].
+// A cache may also be float16 or bfloat16 (half the bytes): each block of rows is converted to float32 in L1 first.
 //
 // Each (row, key head)'s keys are split into chunks across threads. A chunk keeps, per query row, a running maximum,
 // a running sum of exponentials and an unnormalised output (the online softmax); the chunks are merged at the end.
@@ -32,6 +33,38 @@ constexpr int64_t kMinChunk = 256;  // fewest keys worth a thread
 constexpr int64_t kPrefetch = 32;   // keys ahead that the lane-per-row path prefetches
 
 using Vec = at::vec::Vectorized<float>;
+
+enum class Elem { F32, F16, BF16 };  // a cache's element type
+
+Elem elem_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Elem::F32;
+    case at::kHalf: return Elem::F16;
+    case at::kBFloat16: return Elem::BF16;
+    default: TORCH_CHECK(false, "caches must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return Elem::F32;
+}
+
+// Rows [first, first + n) of `stride` elements from a cache of type e, as float32: in place for a float32 cache,
+// else converted into buf (n * stride floats).
+const float* rows_f32(const void* base, int64_t first, int64_t n, int64_t stride, Elem e, float* buf) {
+  if (e == Elem::F32) return static_cast<const float*>(base) + first * stride;
+  const uint16_t* src = static_cast<const uint16_t*>(base) + first * stride;
+  const int64_t len = n * stride;
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX2)
+  for (; i + 8 <= len; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(buf + i, e == Elem::F16 ? _mm256_cvtph_ps(h)
+                                             : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+#endif
+  for (; i < len; ++i)
+    buf[i] = e == Elem::F16 ? float(c10::Half(src[i], c10::Half::from_bits()))
+                            : float(c10::BFloat16(src[i], c10::BFloat16::from_bits()));
+  return buf;
+}
 
 // Keep a loaded vector in a register: otherwise the compiler folds the load into every FMA that reads it, and the
 // extra loads, not the FMAs, set the pace (the multi-row value tile below: 1.03-1.07x with it).
@@ -217,7 +250,7 @@ inline void values8_cols(float* acc, __m256 alpha, const float* p, const float* 
 
 // attend_chunk for query rows in groups of eight that each see the same keys (rows % 8 == 0): the scores, the
 // softmax and the values all run across the eight lanes, one row each; the output is transposed back at the end.
-void attend_chunk8(const float* q, const float* keys, const float* vals, int64_t rows, int64_t D, int64_t R,
+void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, int64_t rows, int64_t D, int64_t R,
                    int64_t val_stride, const int64_t* visible, int64_t s0, int64_t s1, float* m, float* l,
                    float* acc) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -225,12 +258,14 @@ void attend_chunk8(const float* q, const float* keys, const float* vals, int64_t
   std::fill(m, m + rows, neg_inf);
   std::fill(l, l + rows, 0.f);
   std::vector<float> qt(rows * D), sc(kBlock * 8), acct(groups * R * 8, 0.f);  // acct[g][r][lane]
+  std::vector<float> kbuf(e == Elem::F32 ? 0 : kBlock * D), vbuf(e == Elem::F32 || vals == keys ? 0 : kBlock * val_stride);
   for (int64_t g = 0; g < groups; ++g)  // each group's rows transposed: qt[g][d][lane]
     for (int64_t i = 0; i < 8; ++i)
       for (int64_t d = 0; d < D; ++d) qt[(g * D + d) * 8 + i] = q[(g * 8 + i) * D + d];
   for (int64_t s = s0; s < s1; s += kBlock) {
     const int64_t n = std::min(kBlock, s1 - s);
-    const float* kb = keys + s * D;
+    const float* kb = rows_f32(keys, s, n, D, e, kbuf.data());
+    const float* vb = vals == keys ? kb : rows_f32(vals, s, n, val_stride, e, vbuf.data());
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t count = std::min(n, visible[g * 8] - s);
       if (count <= 0) continue;
@@ -240,8 +275,11 @@ void attend_chunk8(const float* q, const float* keys, const float* vals, int64_t
         // pull the keys kPrefetch rows on into L1 while these are scored: a cold cache streams from memory, and
         // the hardware prefetcher alone leaves the scores waiting (4k keys, 2 threads: 1.15x on a cold cache,
         // 0.95x on a hot one, 1.10x between reads of other data as in a step). Past the cache's end it is a no-op.
-        const char* ahead = reinterpret_cast<const char*>(kb + (j + kPrefetch) * D);
-        for (int64_t o = 0; o < 8 * D * int64_t(sizeof(float)); o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
+        // (A 16-bit cache was read in one stream by the conversion.)
+        if (e == Elem::F32) {
+          const char* ahead = reinterpret_cast<const char*>(kb + (j + kPrefetch) * D);
+          for (int64_t o = 0; o < 8 * D * int64_t(sizeof(float)); o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
+        }
         scores8<8>(qg, kb + j * D, D, sc.data() + j * 8);
       }
       scores8_tail(qg, kb + j * D, D, count - j, sc.data() + j * 8);
@@ -257,7 +295,7 @@ void attend_chunk8(const float* q, const float* keys, const float* vals, int64_t
       const Vec alpha = (m_old - m_new).exp_u20();  // 0 on the first block (m = -inf)
       (Vec::loadu(l + g * 8) * alpha + sum).store(l + g * 8);
       m_new.store(m + g * 8);
-      values8_cols(acct.data() + g * R * 8, alpha, sc.data(), vals + s * val_stride, val_stride, count, R);
+      values8_cols(acct.data() + g * R * 8, alpha, sc.data(), vb, val_stride, count, R);
     }
   }
   for (int64_t g = 0; g < groups; ++g)
@@ -267,17 +305,19 @@ void attend_chunk8(const float* q, const float* keys, const float* vals, int64_t
 #endif
 
 // One chunk [s0, s1) of one batch row: partial (max, sum, unnormalised output) per query row.
-void attend_chunk(const float* q, const float* keys, const float* vals, int64_t rows, int64_t D, int64_t R,
+void attend_chunk(const float* q, const void* keys, const void* vals, Elem e, int64_t rows, int64_t D, int64_t R,
                   int64_t val_stride, const int64_t* visible, int64_t s0, int64_t s1, float* m, float* l, float* acc) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   std::fill(m, m + rows, neg_inf);
   std::fill(l, l + rows, 0.f);
   std::fill(acc, acc + rows * R, 0.f);
   std::vector<float> scores(rows * kBlock), alpha(rows);
+  std::vector<float> kbuf(e == Elem::F32 ? 0 : kBlock * D), vbuf(e == Elem::F32 || vals == keys ? 0 : kBlock * val_stride);
   std::vector<int64_t> count(rows);
   for (int64_t s = s0; s < s1; s += kBlock) {
     const int64_t n = std::min(kBlock, s1 - s);
-    const float* kb = keys + s * D;
+    const float* kb = rows_f32(keys, s, n, D, e, kbuf.data());
+    const float* vb = vals == keys ? kb : rows_f32(vals, s, n, val_stride, e, vbuf.data());
     float* sc = scores.data();
     int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX2)
@@ -311,7 +351,7 @@ void attend_chunk(const float* q, const float* keys, const float* vals, int64_t 
     for (int64_t i = 0, j; i < rows; i = j) {  // the values, for each run of rows that see the same keys
       for (j = i + 1; j < rows && count[j] == count[i]; ++j) {}
       if (count[i] > 0)
-        accumulate(acc + i * R, R, alpha.data() + i, sc + i * kBlock, kBlock, vals + s * val_stride, val_stride,
+        accumulate(acc + i * R, R, alpha.data() + i, sc + i * kBlock, kBlock, vb, val_stride,
                    count[i], R, j - i);
     }
   }
@@ -320,14 +360,14 @@ void attend_chunk(const float* q, const float* keys, const float* vals, int64_t 
 // One attention problem: a (row, key head)'s query rows over its cache rows.
 struct Problem {
   const float* q;
-  const float* keys;
-  const float* vals;
+  const void* keys;  // its first cache row (of the cache's element type)
+  const void* vals;
   const int64_t* visible;  // per query row: keys it sees
   int64_t S;               // keys of the problem (the last query's)
   float* out;              // (rows, R)
 };
 
-void attend(const std::vector<Problem>& problems, int64_t rows, int64_t D, int64_t R, int64_t val_stride) {
+void attend(const std::vector<Problem>& problems, Elem e, int64_t rows, int64_t D, int64_t R, int64_t val_stride) {
   // work items: (problem, chunk of its keys); enough chunks to keep every thread busy on long rows
   const int64_t P = problems.size(), threads = at::get_num_threads();
   std::vector<int64_t> first(P + 1, 0), chunk_len(P);
@@ -354,11 +394,11 @@ void attend(const std::vector<Problem>& problems, int64_t rows, int64_t D, int64
       float *mi = m.data() + it * rows, *li = l.data() + it * rows, *ai = acc.data() + it * rows * R;
 #if defined(CPU_CAPABILITY_AVX2)
       if (by8) {
-        attend_chunk8(pr.q, pr.keys, pr.vals, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
+        attend_chunk8(pr.q, pr.keys, pr.vals, e, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
         continue;
       }
 #endif
-      attend_chunk(pr.q, pr.keys, pr.vals, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
+      attend_chunk(pr.q, pr.keys, pr.vals, e, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
     }
   });
   for (int64_t b = 0; b < P; ++b) {  // merge the chunks
@@ -398,7 +438,8 @@ void rows_of(const at::Tensor& slots, const at::Tensor& positions, int64_t rows,
 
 at::Tensor latent_attention(const at::Tensor& qq, const at::Tensor& cache, const at::Tensor& slots,
                             const at::Tensor& positions, int64_t heads, int64_t rank) {
-  TORCH_CHECK(qq.scalar_type() == at::kFloat && cache.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(qq.scalar_type() == at::kFloat, "queries must be float32");
+  const Elem e = elem_of(cache);
   TORCH_CHECK(cache.is_contiguous() && cache.dim() == 3, "cache must be contiguous (slots, max_len, D)");
   const auto q = qq.contiguous();
   const int64_t B = q.size(0), rows = q.size(1), D = q.size(2), max_len = cache.size(1);
@@ -406,21 +447,22 @@ at::Tensor latent_attention(const at::Tensor& qq, const at::Tensor& cache, const
   std::vector<int64_t> slot, S, visible;
   rows_of(slots, positions, rows, heads, cache.size(0), max_len, slot, S, visible);
   auto out = at::empty({B, rows, rank}, q.options());
-  const float* cp = cache.data_ptr<float>();
+  const char* cp = static_cast<const char*>(cache.data_ptr());
   std::vector<Problem> problems;
   for (int64_t b = 0; b < B; ++b) {
-    const float* rows_b = cp + slot[b] * max_len * D;  // keys, and the values in their first `rank` columns
+    const void* rows_b = cp + slot[b] * max_len * D * cache.element_size();  // keys; values: their first `rank` columns
     problems.push_back({q.data_ptr<float>() + b * rows * D, rows_b, rows_b, visible.data() + b * rows, S[b],
                         out.data_ptr<float>() + b * rows * rank});
   }
-  attend(problems, rows, D, rank, D);
+  attend(problems, e, rows, D, rank, D);
   return out;
 }
 
 at::Tensor gqa_attention(const at::Tensor& q_, const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& slots, const at::Tensor& positions) {
-  TORCH_CHECK(q_.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
-              v_cache.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(q_.scalar_type() == at::kFloat, "queries must be float32");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must have one dtype");
+  const Elem e = elem_of(k_cache);
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
               k_cache.sizes() == v_cache.sizes(), "caches must be contiguous (slots, Hkv, max_len, D)");
   const auto q = q_.contiguous();
@@ -429,16 +471,17 @@ at::Tensor gqa_attention(const at::Tensor& q_, const at::Tensor& k_cache, const 
   std::vector<int64_t> slot, S, visible;
   rows_of(slots, positions, rows, rows / positions.size(1), k_cache.size(0), max_len, slot, S, visible);
   auto out = at::empty_like(q);
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
+  const char* kp = static_cast<const char*>(k_cache.data_ptr());
+  const char* vp = static_cast<const char*>(v_cache.data_ptr());
+  const int64_t es = k_cache.element_size();
   std::vector<Problem> problems;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < Hkv; ++g) {
       const int64_t at_row = ((slot[b] * Hkv) + g) * max_len * D, qi = (b * Hkv + g) * rows * D;
-      problems.push_back({q.data_ptr<float>() + qi, kp + at_row, vp + at_row, visible.data() + b * rows, S[b],
+      problems.push_back({q.data_ptr<float>() + qi, kp + at_row * es, vp + at_row * es, visible.data() + b * rows, S[b],
                           out.data_ptr<float>() + qi});
     }
-  attend(problems, rows, D, D, D);
+  attend(problems, e, rows, D, D, D);
   return out;
 }
 
