@@ -20,8 +20,9 @@ How it works (one `Engine.step()`):
 On CPU, `pack_weights` keeps a second copy of the projections' weights in 16-column panels, which decode steps of
 8+ rows read 1.3x faster (`M.pack_linears`). An LLM packs a checkpoint it loads itself (up to 1 GiB of weights);
 on live weights it packs only when asked, and then `refresh_weights()` after an update the version counters miss.
-`kv_cache_dtype="float16"` (or "bfloat16") keeps the cache in 16 bits: half the memory, and half the bytes a
-long-context step reads, at the price of rounding keys and values as they are stored (default: the model's dtype).
+`kv_cache_dtype="float16"` (or "bfloat16") keeps the cache in 16 bits: twice the sequences or context in the same
+memory, at the price of rounding keys and values as they are stored (default: the model's dtype). On CPU it is not
+faster: the kernels convert each block back to float32, which costs what the halved bytes save (docs/BENCHMARKS.md).
 
 Sampling needs no host synchronisation and no per-request generator: a sample is argmax(logits/T - log E)
 with E ~ Exp(1) noise derived by hashing (request seed, sample index, step, token id). A request's samples are
@@ -258,8 +259,7 @@ KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16
 
 def cache_dtype(kv_cache_dtype: torch.dtype | str | None, model_dtype: torch.dtype) -> torch.dtype:
     """The cache's element type: the model's ("auto" / None), or float32, float16 or bfloat16 (a name or a dtype).
-    A 16-bit cache halves the bytes every decode step reads (long contexts are bound by them on CPU) and rounds the
-    keys and values as they are stored."""
+    A 16-bit cache takes half the memory and rounds the keys and values as they are stored."""
     if kv_cache_dtype is None or kv_cache_dtype == "auto":
         return model_dtype
     dtype = KV_CACHE_DTYPES.get(kv_cache_dtype, kv_cache_dtype) if isinstance(kv_cache_dtype, str) else kv_cache_dtype
