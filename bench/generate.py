@@ -7,7 +7,7 @@ The tiny DeepSeek-V3 of shared/BASELINES.md (random weights, fp32, 2 threads), a
 - decode step time against context length (batch 1): 32 / 256 / 1k / 2k / 4k tokens of prompt, the median of 64
   steps each timed alone (r1kit's engine stepped by hand; transformers' one-token forwards on its cache), measured
   in 3 or 5 rounds over all the contexts; the medians of the rounds, and the growth from 32 to the longest in each;
-- KV-cache bytes per token;
+- KV-cache bytes per token; with --kv-cache-dtype, the step against context with a 16-bit cache as well;
 - MTP speculative decoding at batch 1 on a 16-layer MLA+MoE model whose MTP head is trained (a few hundred steps
   on patterned text as long as the generation), with 1, 2 and 3 chained drafts, against plain decoding of the same
   model (both compiled): tokens/s ratio, acceptance rate, and whether the output is identical. Sixteen layers, not
@@ -16,6 +16,7 @@ The tiny DeepSeek-V3 of shared/BASELINES.md (random weights, fp32, 2 threads), a
 
     .venv/bin/python bench/generate.py [--quick]       # prints a table, writes bench/results/generate.json
     .venv/bin/python bench/generate.py --context-only  # only the step time against context (generate_context.json)
+    .venv/bin/python bench/generate.py --context-only --kv-cache-dtype bfloat16  # ... and with a 16-bit cache
 """
 
 from __future__ import annotations
@@ -123,18 +124,25 @@ def step_ms_hf(hf, ctx: int, steps: int = 64) -> float:
     return statistics.median(ts) * 1e3
 
 
-def decode_table(kind: str, reps: int, contexts: list[int], throughput: bool = True) -> dict:
+def decode_table(kind: str, reps: int, contexts: list[int], throughput: bool = True,
+                 kv_cache_dtype: str | None = None) -> dict:
+    """Tokens/s at batch 1 and 16 (`throughput`) and the step time against context, r1kit against transformers;
+    with `kv_cache_dtype`, the step times of an r1kit engine with that cache too (its own column)."""
     hf, ours = hf_pair(kind)
     # packed projections, as an LLM loading this checkpoint from its directory does by itself (`pack_weights`)
     eager = LLM(ours, max_num_seqs=16, max_model_len=max(contexts) + NEW + 8, pack_weights=True)
-    llm = LLM(ours, max_num_seqs=16, max_model_len=max(contexts) + NEW + 8, compile=True, pack_weights=True)
+    engines = {"r1kit": None, **({f"r1kit_{kv_cache_dtype}_kv": kv_cache_dtype} if kv_cache_dtype else {})}
+    engines = {name: LLM(ours, max_num_seqs=16, max_model_len=max(contexts) + NEW + 8, compile=True, pack_weights=True,
+                         kv_cache_dtype=kv) for name, kv in engines.items()}
+    llm = engines["r1kit"]
     t0 = time.perf_counter()  # compile the decode step once for batch 1 and once for every larger batch
-    for b in (1, 2):
-        llm.generate(torch.randint(3, 4096, (b, 8)).tolist(), SamplingParams(temperature=0, max_tokens=70, ignore_eos=True))
-    # contexts past 4,096 keys are one more graph (a range guard on the symbolic length): compile it here too
-    llm.generate(torch.randint(3, 4096, (1, max(contexts))).tolist(),
-                 SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))
-    res = {"kv_cache_bytes_per_token": {"r1kit": llm.engine.cache.bytes_per_token},
+    for e in engines.values():
+        for b in (1, 2):
+            e.generate(torch.randint(3, 4096, (b, 8)).tolist(), SamplingParams(temperature=0, max_tokens=70, ignore_eos=True))
+        # contexts past 4,096 keys are one more graph (a range guard on the symbolic length): compile it here too
+        e.generate(torch.randint(3, 4096, (1, max(contexts))).tolist(),
+                   SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))
+    res = {"kv_cache_bytes_per_token": {name: e.engine.cache.bytes_per_token for name, e in engines.items()},
            "compile_warmup_s": time.perf_counter() - t0}
     cfg = ours.config
     if cfg.is_mla:  # transformers caches the latent too, but expands it through kv_b_proj every step
@@ -150,18 +158,20 @@ def decode_table(kind: str, reps: int, contexts: list[int], throughput: bool = T
                                 "speedup_per_rep": [h / o for h, o in zip(t["transformers"], t["compiled"])]}
         print(kind, f"batch {batch}", json.dumps(res[f"batch{batch}"]), flush=True)
     for ctx in contexts:
-        step_ms_ours(llm, ctx)  # compile warm-up at this context (a context past 4,096 keys is its own graph)
+        for e in engines.values():
+            step_ms_ours(e, ctx)  # compile warm-up at this context (a context past 4,096 keys is its own graph)
     # rounds over all the contexts, so that a slow minute of this shared machine lands on one round, not one context
-    rounds = {ctx: {"transformers": [], "r1kit": []} for ctx in contexts}
+    rounds = {ctx: {"transformers": [], **{name: [] for name in engines}} for ctx in contexts}
     for r in range(reps):
         for ctx in contexts:
             rounds[ctx]["transformers"].append(step_ms_hf(hf, ctx))
-            rounds[ctx]["r1kit"].append(step_ms_ours(llm, ctx))
+            for name, e in engines.items():
+                rounds[ctx][name].append(step_ms_ours(e, ctx))
         print(kind, f"step ms by context, round {r + 1}:",
               json.dumps({c: {k: round(v[-1], 3) for k, v in rounds[c].items()} for c in contexts}), flush=True)
     res["step_ms_vs_context"] = {c: {k: statistics.median(v) for k, v in rounds[c].items()} for c in contexts}
     first, last = contexts[0], contexts[-1]
-    for name in ("transformers", "r1kit"):
+    for name in ("transformers", *engines):
         res[f"{name}_growth_{first}_to_{last}"] = (res["step_ms_vs_context"][last][name]
                                                    / res["step_ms_vs_context"][first][name])
         res[f"{name}_growth_per_round"] = [b / a for a, b in zip(rounds[first][name], rounds[last][name])]
@@ -237,6 +247,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="3 reps, contexts 32 and 1k only, shorter speculation")
     ap.add_argument("--context-only", action="store_true", help="only the step time against context length")
+    ap.add_argument("--kv-cache-dtype", choices=["float16", "bfloat16"],
+                    help="also time the steps against context with a 16-bit cache (its own column)")
     args = ap.parse_args()
     reps = 3 if args.quick else 5
     contexts = [32, 256, 1024, 2048, 4000] if not args.quick else [32, 1024]
@@ -244,8 +256,9 @@ def main() -> None:
 
     res = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": 2}
     throughput = not args.context_only
-    res["deepseek_v3"] = decode_table("deepseek_v3", reps, contexts, throughput)
-    res["qwen2"] = decode_table("qwen2", reps, [32, 1024] if args.quick else [32, 1024, 4000], throughput)
+    res["deepseek_v3"] = decode_table("deepseek_v3", reps, contexts, throughput, args.kv_cache_dtype)
+    res["qwen2"] = decode_table("qwen2", reps, [32, 1024] if args.quick else [32, 1024, 4000], throughput,
+                                args.kv_cache_dtype)
     if throughput:
         res["speculation"] = speculation(reps, 200 if args.quick else 300)
     out = Path(__file__).parent / "results"
@@ -268,6 +281,11 @@ def main() -> None:
         print(f"{kind:12s} step growth {g[len('r1kit_growth_'):].replace('_to_', ' -> ')}: r1kit {r[g]:.2f}x "
               f"(per round {', '.join(f'{x:.2f}' for x in r['r1kit_growth_per_round'])}), "
               f"transformers {r[g.replace('r1kit', 'transformers')]:.2f}x")
+        for name in [n for n in r["kv_cache_bytes_per_token"] if n.endswith("_kv")]:
+            row = "  ".join(f"{c}: {r['step_ms_vs_context'][c][name]:.2f}" for c in ctx)
+            growth = r[g.replace("r1kit", name)]
+            print(f"{kind:12s} {name}: step ms {row}; growth {growth:.2f}x "
+                  f"(per round {', '.join(f'{x:.2f}' for x in r[name + '_growth_per_round'])})")
         print(f"{kind:12s} KV bytes/token  {r['kv_cache_bytes_per_token']}")
     s = res.get("speculation", {})
     for key in [k for k in s if k.startswith("drafts_")]:
