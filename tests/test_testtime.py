@@ -59,6 +59,38 @@ def test_budget_forcing_extends_short_reasoning(llm):
         assert s.waits == 2 and s.reasoning.count("Wait") == 2 and not s.budget_hit
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from common import small_checkpoint
+
+    return small_checkpoint(tmp_path_factory.mktemp("generate") / "ckpt")
+
+
+def test_cli_generate_votes_marks_and_picks(checkpoint, capsys):
+    """`r1kit generate` end to end: samples per prompt, the vote, each sample marked against --answer, best-of-n
+    under a named reward, a 16-bit cache; and greedy samples that agree with each other and with a float32 cache."""
+    import json
+
+    from r1kit.cli import main
+
+    argv = ["generate", str(checkpoint), "1+2", "3+4", "--n", "4", "--max-tokens", "12", "--seed", "1", "--json"]
+    assert main(argv + ["--vote", "--answer", "3", "--best-of-n", "format=1", "--kv-cache-dtype", "bfloat16"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [e["prompt"] for e in out] == ["1+2", "3+4"]
+    for e in out:
+        assert len(e["samples"]) == 4 and all(s["correct"] in (0.0, 1.0) for s in e["samples"])
+        assert e["majority"] in [s["answer"] for s in e["samples"]] + [None] and 0 <= e["majority_share"] <= 1
+        assert e["majority_correct"] in (0.0, 1.0)
+        assert 0 <= e["best"] < 4 and len(e["best_scores"]) == 4 and e["best_scores"][e["best"]] == max(e["best_scores"])
+    greedy = ["generate", str(checkpoint), "1+2", "--n", "2", "--temperature", "0", "--max-tokens", "12", "--json"]
+    assert main(greedy) == 0
+    texts = [s["text"] for s in json.loads(capsys.readouterr().out)[0]["samples"]]
+    assert main(greedy + ["--kv-cache-dtype", "float32"]) == 0
+    assert texts[0] == texts[1] == json.loads(capsys.readouterr().out)[0]["samples"][0]["text"]
+    assert main(greedy + ["--thinking-budget", "4"]) == 0  # the budget path: reasoning capped, then an answer
+    assert len(json.loads(capsys.readouterr().out)[0]["samples"]) == 2
+
+
 def test_cli_min_thinking_without_a_budget_is_an_error(capsys):
     from r1kit.cli import main
 
