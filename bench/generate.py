@@ -138,7 +138,8 @@ def decode_table(kind: str, reps: int, contexts: list[int], throughput: bool = T
     t0 = time.perf_counter()  # compile the decode step once for batch 1 and once for every larger batch
     for e in engines.values():
         for b in (1, 2):
-            e.generate(torch.randint(3, 4096, (b, 8)).tolist(), SamplingParams(temperature=0, max_tokens=70, ignore_eos=True))
+            e.generate(torch.randint(3, 4096, (b, 8)).tolist(),
+                       SamplingParams(temperature=0, max_tokens=70, ignore_eos=True))
         # contexts past 4,096 keys are one more graph (a range guard on the symbolic length): compile it here too
         e.generate(torch.randint(3, 4096, (1, max(contexts))).tolist(),
                    SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))

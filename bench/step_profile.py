@@ -29,7 +29,8 @@ def main() -> None:
     _, model = hf_pair(args.model)
     llm = LLM(model, max_num_seqs=16, max_model_len=max(args.contexts) + 200, compile=True, pack_weights=True)
     for b in (1, 2):  # compile the step, and the long context's graph
-        llm.generate(torch.randint(3, 4096, (b, 8)).tolist(), SamplingParams(temperature=0, max_tokens=70, ignore_eos=True))
+        llm.generate(torch.randint(3, 4096, (b, 8)).tolist(),
+                     SamplingParams(temperature=0, max_tokens=70, ignore_eos=True))
     llm.generate(torch.randint(3, 4096, (1, max(args.contexts))).tolist(),
                  SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     eng, steps = llm.engine, 100

@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("generate", help="sample from a checkpoint: majority vote, best-of-N, thinking budgets")
     p.add_argument("model", help="checkpoint directory (with tokenizer.json)")
-    p.add_argument("prompt", nargs="*", help="prompts, each sent as a user message through the chat template (as-is with --raw)")
+    p.add_argument("prompt", nargs="*",
+                   help="prompts, each sent as a user message through the chat template (as-is with --raw)")
     p.add_argument("--file", help="a text file with one prompt per line")
     p.add_argument("--raw", dest="chat", action="store_false", help="send prompts as-is, without the chat template")
     p.add_argument("--n", type=int, default=1, help="samples per prompt (default: 1)")

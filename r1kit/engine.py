@@ -355,7 +355,8 @@ class Engine:
             try:  # ints of any kind (Python, numpy, 0-d tensors), not floats
                 text, ids = None, [operator.index(t) for t in prompt]
             except TypeError:
-                raise RequestError(f"prompt token ids must be integers, got {list(prompt)[:8]!r}", param="prompt") from None
+                raise RequestError(f"prompt token ids must be integers, got {list(prompt)[:8]!r}",
+                                   param="prompt") from None
         if not ids:
             raise RequestError("the prompt is empty", param="prompt")
         vocab = self.model.config.vocab_size

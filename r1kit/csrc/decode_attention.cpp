@@ -258,7 +258,8 @@ void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, i
   std::fill(m, m + rows, neg_inf);
   std::fill(l, l + rows, 0.f);
   std::vector<float> qt(rows * D), sc(kBlock * 8), acct(groups * R * 8, 0.f);  // acct[g][r][lane]
-  std::vector<float> kbuf(e == Elem::F32 ? 0 : kBlock * D), vbuf(e == Elem::F32 || vals == keys ? 0 : kBlock * val_stride);
+  std::vector<float> kbuf(e == Elem::F32 ? 0 : kBlock * D);  // a 16-bit cache's block, as float32
+  std::vector<float> vbuf(e == Elem::F32 || vals == keys ? 0 : kBlock * val_stride);
   for (int64_t g = 0; g < groups; ++g)  // each group's rows transposed: qt[g][d][lane]
     for (int64_t i = 0; i < 8; ++i)
       for (int64_t d = 0; d < D; ++d) qt[(g * D + d) * 8 + i] = q[(g * 8 + i) * D + d];
@@ -312,7 +313,8 @@ void attend_chunk(const float* q, const void* keys, const void* vals, Elem e, in
   std::fill(l, l + rows, 0.f);
   std::fill(acc, acc + rows * R, 0.f);
   std::vector<float> scores(rows * kBlock), alpha(rows);
-  std::vector<float> kbuf(e == Elem::F32 ? 0 : kBlock * D), vbuf(e == Elem::F32 || vals == keys ? 0 : kBlock * val_stride);
+  std::vector<float> kbuf(e == Elem::F32 ? 0 : kBlock * D);  // a 16-bit cache's block, as float32
+  std::vector<float> vbuf(e == Elem::F32 || vals == keys ? 0 : kBlock * val_stride);
   std::vector<int64_t> count(rows);
   for (int64_t s = s0; s < s1; s += kBlock) {
     const int64_t n = std::min(kBlock, s1 - s);
