@@ -472,3 +472,24 @@ def test_reasoning_splitter_holds_back_partial_tags():
     plain = ReasoningSplitter(prefilled=False)
     assert plain.feed("<thi", False) == ("", "") and plain.feed("<think>a</think>b", True) == ("a", "b")
     assert ReasoningSplitter(prefilled=False).feed("no tags", True) == ("", "no tags")
+
+
+def test_cli_serve_passes_the_cache_dtype(checkpoint, monkeypatch):
+    """`r1kit serve --kv-cache-dtype bfloat16` builds the engine with a bfloat16 cache (uvicorn stubbed out)."""
+    import uvicorn
+
+    from r1kit import serve
+    from r1kit.cli import main
+
+    built = {}
+    real_build = serve.build
+
+    def spy(args):
+        built["server"], app = real_build(args)
+        return built["server"], app
+
+    monkeypatch.setattr(serve, "build", spy)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    assert main(["serve", str(checkpoint), "--kv-cache-dtype", "bfloat16", "--max-num-seqs", "2"]) == 0
+    cache = built["server"].engine.engine.cache
+    assert cache.dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for t in cache.layers)
