@@ -92,6 +92,16 @@ def time_side_by_side(hf, llms: dict[str, LLM], batch: int, reps: int) -> dict[s
     return times
 
 
+def warm_up(llm: LLM, longest: int) -> None:
+    """Compile the decode step once for batch 1 and once for every larger batch, and, since contexts past 4,096 keys
+    are one more graph (a range guard on the symbolic length), at the longest context too."""
+    for b in (1, 2):
+        llm.generate(torch.randint(3, 4096, (b, 8)).tolist(),
+                     SamplingParams(temperature=0, max_tokens=70, ignore_eos=True))
+    llm.generate(torch.randint(3, 4096, (1, longest)).tolist(),
+                 SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))
+
+
 def step_ms_ours(llm: LLM, ctx: int, steps: int = 64) -> float:
     """Median time of one decode step (batch 1) at context `ctx`: the engine stepped by hand, each step timed
     alone, so the prefill's noise never enters."""
@@ -131,18 +141,15 @@ def decode_table(kind: str, reps: int, contexts: list[int], throughput: bool = T
     hf, ours = hf_pair(kind)
     # packed projections, as an LLM loading this checkpoint from its directory does by itself (`pack_weights`)
     eager = LLM(ours, max_num_seqs=16, max_model_len=max(contexts) + NEW + 8, pack_weights=True)
-    engines = {"r1kit": None, **({f"r1kit_{kv_cache_dtype}_kv": kv_cache_dtype} if kv_cache_dtype else {})}
+    cache_dtypes = {"r1kit": None}  # engine name -> its cache's dtype (None: the model's)
+    if kv_cache_dtype:
+        cache_dtypes[f"r1kit_{kv_cache_dtype}_kv"] = kv_cache_dtype
     engines = {name: LLM(ours, max_num_seqs=16, max_model_len=max(contexts) + NEW + 8, compile=True, pack_weights=True,
-                         kv_cache_dtype=kv) for name, kv in engines.items()}
+                         kv_cache_dtype=kv) for name, kv in cache_dtypes.items()}
     llm = engines["r1kit"]
-    t0 = time.perf_counter()  # compile the decode step once for batch 1 and once for every larger batch
+    t0 = time.perf_counter()
     for e in engines.values():
-        for b in (1, 2):
-            e.generate(torch.randint(3, 4096, (b, 8)).tolist(),
-                       SamplingParams(temperature=0, max_tokens=70, ignore_eos=True))
-        # contexts past 4,096 keys are one more graph (a range guard on the symbolic length): compile it here too
-        e.generate(torch.randint(3, 4096, (1, max(contexts))).tolist(),
-                   SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))
+        warm_up(e, max(contexts))
     res = {"kv_cache_bytes_per_token": {name: e.engine.cache.bytes_per_token for name, e in engines.items()},
            "compile_warmup_s": time.perf_counter() - t0}
     cfg = ours.config

@@ -15,7 +15,7 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from generate import hf_pair
+from generate import hf_pair, warm_up
 from r1kit.engine import LLM, SamplingParams
 
 
@@ -28,11 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     _, model = hf_pair(args.model)
     llm = LLM(model, max_num_seqs=16, max_model_len=max(args.contexts) + 200, compile=True, pack_weights=True)
-    for b in (1, 2):  # compile the step, and the long context's graph
-        llm.generate(torch.randint(3, 4096, (b, 8)).tolist(),
-                     SamplingParams(temperature=0, max_tokens=70, ignore_eos=True))
-    llm.generate(torch.randint(3, 4096, (1, max(args.contexts))).tolist(),
-                 SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    warm_up(llm, max(args.contexts))
     eng, steps = llm.engine, 100
     per_op: dict[str, dict[int, list[float]]] = {}
     for _ in range(args.rounds):

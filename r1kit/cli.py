@@ -195,6 +195,11 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+KV_CACHE_FLAG = dict(default="auto", choices=["auto", "float32", "float16", "bfloat16"],  # generate and serve
+                     help="the K/V cache's element type: 16-bit halves its memory, rounding keys and values as they "
+                          "are stored (default: auto, the model's)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in STAGES:
@@ -247,9 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                                                           "'accuracy=1,format=0.1' (accuracy needs --answer)")
     p.add_argument("--thinking-budget", type=int, default=0, help="cap the reasoning at this many tokens")
     p.add_argument("--min-thinking", type=int, default=0, help="extend reasoning shorter than this with 'Wait'")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="the K/V cache's element type: 16-bit halves its memory, rounding keys and values as they "
-                        "are stored (default: auto, the model's)")
+    p.add_argument("--kv-cache-dtype", **KV_CACHE_FLAG)
     p.add_argument("--speculative", type=int, nargs="?", const=1, default=0, metavar="K",
                    help="draft K tokens a step with the model's MTP module, chained (K defaults to 1)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -265,9 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights, and the cache unless --kv-cache-dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="the K/V cache's element type: 16-bit halves its memory, rounding keys and values as they "
-                        "are stored (default: auto, the model's)")
+    p.add_argument("--kv-cache-dtype", **KV_CACHE_FLAG)
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences generated at once (default: 64)")
     p.add_argument("--max-model-len", type=int, help="context length in tokens (default: the model's)")
     p.add_argument("--max-queue", type=int, default=256,
