@@ -6,7 +6,8 @@ The tiny DeepSeek-V3 of shared/BASELINES.md (random weights, fp32, 2 threads), a
   LLM loads itself) and transformers taking turns;
 - decode step time against context length (batch 1): 32 / 256 / 1k / 2k / 4k tokens of prompt, the median of 64
   steps each timed alone (r1kit's engine stepped by hand; transformers' one-token forwards on its cache), measured
-  in 3 or 5 rounds over all the contexts; the medians of the rounds, and the growth from 32 to the longest in each;
+  in 3 or 5 rounds (or --rounds) over all the contexts; the medians of the rounds, and the growth from 32 to the
+  longest in each;
 - KV-cache bytes per token; with --kv-cache-dtype, the step against context with a 16-bit cache as well;
 - MTP speculative decoding at batch 1 on a 16-layer MLA+MoE model whose MTP head is trained (a few hundred steps
   on patterned text as long as the generation), with 1, 2 and 3 chained drafts, against plain decoding of the same
@@ -257,8 +258,10 @@ def main() -> None:
     ap.add_argument("--context-only", action="store_true", help="only the step time against context length")
     ap.add_argument("--kv-cache-dtype", choices=["float16", "bfloat16"],
                     help="also time the steps against context with a 16-bit cache (its own column)")
+    ap.add_argument("--rounds", type=int, help="generations per throughput measure and rounds over the contexts "
+                    "(default 5; 3 with --quick)")
     args = ap.parse_args()
-    reps = 3 if args.quick else 5
+    reps = args.rounds or (3 if args.quick else 5)
     contexts = [32, 256, 1024, 2048, 4000] if not args.quick else [32, 1024]
     import transformers
 
