@@ -16,7 +16,8 @@
 // values run one column per register with a dozen independent FMA chains (1.06-1.11x over a row per head's tile).
 // Rows in groups of four (four query heads a key head) score one key a vector, four rows by an (even, odd) pair of
 // its elements: a 64-bit broadcast load and an FMA per pair, where the paired-row tiles spent as much again on sums
-// across lanes (the kernel 1.13-1.29x on Qwen2's shape).
+// across lanes (the kernel 1.13-1.29x on Qwen2's shape). With AVX-512 the lane-per-row path runs on sixteen lanes,
+// eight rows by an (even, odd) pair of key elements or value columns (DeepSeek-V3's shape: 1.43x hot, 1.22x cold).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -332,8 +333,76 @@ void attend_chunk4(const float* q, const void* keys, const void* vals, Elem e, i
   }
 }
 
+#if defined(__AVX512F__)
+// The lane-per-row path on sixteen lanes (AVX-512): eight query rows by the (even, odd) element of a key in the
+// scores, or by an (even, odd) column pair in the values; one 64-bit broadcast load and one FMA a pair, half the
+// FMAs of eight lanes.
+// out[k] = (q_0 . key_k, ..., q_7 . key_k) for N keys, from q2 (D / 2, 16): q2[d / 2] = (q_0[d], q_0[d + 1], q_1[d],
+// ..., q_7[d + 1]). D even.
+template <int N>
+inline void scores16(const float* q2, const float* keys, int64_t D, float* out) {
+  const double* k[N];
+  __m512 a[N];
+  for (int i = 0; i < N; ++i) k[i] = reinterpret_cast<const double*>(keys + i * D), a[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D / 2; ++d) {
+    const __m512 q = _mm512_loadu_ps(q2 + d * 16);
+    for (int i = 0; i < N; ++i) a[i] = _mm512_fmadd_ps(q, _mm512_castpd_ps(_mm512_set1_pd(k[i][d])), a[i]);
+  }
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int i = 0; i < N; ++i)  // each row's even + odd lane, gathered into the low eight lanes
+    _mm256_storeu_ps(out + i * 8, _mm512_castps512_ps256(_mm512_permutexvar_ps(
+                                      even, _mm512_add_ps(a[i], _mm512_permute_ps(a[i], 0xb1)))));
+}
+
+template <int N>  // scores16 for n <= N keys
+inline void scores16_n(const float* q2, const float* keys, int64_t D, int64_t n, float* out) {
+  if (n == N) return scores16<N>(q2, keys, D, out);
+  if constexpr (N > 1) scores16_n<N - 1>(q2, keys, D, n, out);
+}
+
+// acc[i] = acc[i] * alpha + sum_k p2[k] * (vals[k][2i], vals[k][2i + 1], ...) for N column pairs, lanes (row, even
+// or odd column); p2[k] = (p_0, p_0, p_1, p_1, ..., p_7, p_7) for key k.
+template <int N>
+inline void values16(float* acc, __m512 alpha, const float* p2, const float* vals, int64_t stride, int64_t count) {
+  __m512 a[N];
+  for (int i = 0; i < N; ++i) a[i] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * 16), alpha);
+  for (int64_t k = 0; k < count; ++k) {
+    const __m512 pk = _mm512_loadu_ps(p2 + k * 16);
+    const double* v = reinterpret_cast<const double*>(vals + k * stride);
+    for (int i = 0; i < N; ++i) a[i] = _mm512_fmadd_ps(_mm512_castpd_ps(_mm512_set1_pd(v[i])), pk, a[i]);
+  }
+  for (int i = 0; i < N; ++i) _mm512_storeu_ps(acc + i * 16, a[i]);
+}
+
+template <int N>  // values16 for n <= N column pairs
+inline void values16_n(float* acc, __m512 alpha, const float* p2, const float* vals, int64_t stride, int64_t count,
+                       int64_t n) {
+  if (n == N) return values16<N>(acc, alpha, p2, vals, stride, count);
+  if constexpr (N > 1) values16_n<N - 1>(acc, alpha, p2, vals, stride, count, n);
+}
+
+// All `pairs` column pairs, split evenly into tiles of at most 16 (16 chains; 32 registers).
+inline void values16_cols(float* acc, __m512 alpha, const float* p2, const float* vals, int64_t stride, int64_t count,
+                          int64_t pairs) {
+  const int64_t tiles = (pairs + 15) / 16;
+  for (int64_t t = 0, r = 0; t < tiles; ++t) {
+    const int64_t n = (pairs - r) / (tiles - t);
+    values16_n<16>(acc + r * 16, alpha, p2, vals + 2 * r, stride, count, n);
+    r += n;
+  }
+}
+
+// (x_0 .. x_7) -> (x_0, x_0, x_1, x_1, ..., x_7, x_7)
+inline __m512 doubled(__m256 x) {
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+                               _mm512_castps256_ps512(x));
+}
+#endif
+
 // attend_chunk for query rows in groups of eight that each see the same keys (rows % 8 == 0): the scores, the
 // softmax and the values all run across the eight lanes, one row each; the output is transposed back at the end.
+// Wide (AVX-512, D and R even): the scores and values on sixteen lanes, eight rows by two elements.
+template <bool Wide>
 void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, int64_t rows, int64_t D, int64_t R,
                    int64_t val_stride, const int64_t* visible, int64_t s0, int64_t s1, float* m, float* l,
                    float* acc) {
@@ -341,12 +410,14 @@ void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, i
   const int64_t groups = rows / 8;
   std::fill(m, m + rows, neg_inf);
   std::fill(l, l + rows, 0.f);
-  std::vector<float> qt(rows * D), sc(kBlock * 8), acct(groups * R * 8, 0.f);  // acct[g][r][lane]
+  // acct: acct[g][column][lane]; Wide: acct[g][column pair][lane][even, odd]
+  std::vector<float> qt(rows * D), sc(kBlock * 8), acct(groups * R * 8, 0.f), p2(Wide ? kBlock * 16 : 0);
   std::vector<float> kbuf(e == Elem::F32 ? 0 : kBlock * D);  // a 16-bit cache's block, as float32
   std::vector<float> vbuf(e == Elem::F32 || vals == keys ? 0 : kBlock * val_stride);
-  for (int64_t g = 0; g < groups; ++g)  // each group's rows transposed: qt[g][d][lane]
+  for (int64_t g = 0; g < groups; ++g)  // each group's rows transposed: qt[g][d][lane]; Wide: qt[g][d / 2][lane][d % 2]
     for (int64_t i = 0; i < 8; ++i)
-      for (int64_t d = 0; d < D; ++d) qt[(g * D + d) * 8 + i] = q[(g * 8 + i) * D + d];
+      for (int64_t d = 0; d < D; ++d)
+        qt[Wide ? g * D * 8 + d / 2 * 16 + i * 2 + d % 2 : (g * D + d) * 8 + i] = q[(g * 8 + i) * D + d];
   for (int64_t s = s0; s < s1; s += kBlock) {
     const int64_t n = std::min(kBlock, s1 - s);
     const float* kb = rows_f32(keys, s, n, D, e, kbuf.data());
@@ -365,9 +436,20 @@ void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, i
           const char* ahead = reinterpret_cast<const char*>(kb + (j + kPrefetch) * D);
           for (int64_t o = 0; o < 8 * D * int64_t(sizeof(float)); o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
         }
+#if defined(__AVX512F__)
+        if constexpr (Wide) {
+          scores16<8>(qg, kb + j * D, D, sc.data() + j * 8);
+          continue;
+        }
+#endif
         scores8<8>(qg, kb + j * D, D, sc.data() + j * 8);
       }
-      scores8_tail(qg, kb + j * D, D, count - j, sc.data() + j * 8);
+#if defined(__AVX512F__)
+      if constexpr (Wide) {
+        if (j < count) scores16_n<7>(qg, kb + j * D, D, count - j, sc.data() + j * 8);
+      } else
+#endif
+        scores8_tail(qg, kb + j * D, D, count - j, sc.data() + j * 8);
       __m256 mx = _mm256_set1_ps(neg_inf);
       for (int64_t k = 0; k < count; ++k) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc.data() + k * 8));
       const Vec m_old = Vec::loadu(m + g * 8), m_new = at::vec::maximum(m_old, Vec(mx));
@@ -380,12 +462,20 @@ void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, i
       const Vec alpha = (m_old - m_new).exp_u20();  // 0 on the first block (m = -inf)
       (Vec::loadu(l + g * 8) * alpha + sum).store(l + g * 8);
       m_new.store(m + g * 8);
+#if defined(__AVX512F__)
+      if constexpr (Wide) {
+        for (int64_t k = 0; k < count; ++k) _mm512_storeu_ps(p2.data() + k * 16, doubled(_mm256_loadu_ps(sc.data() + k * 8)));
+        values16_cols(acct.data() + g * R * 8, doubled(alpha), p2.data(), vb, val_stride, count, R / 2);
+        continue;
+      }
+#endif
       values8_cols(acct.data() + g * R * 8, alpha, sc.data(), vb, val_stride, count, R);
     }
   }
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t i = 0; i < 8; ++i)
-      for (int64_t r = 0; r < R; ++r) acc[(g * 8 + i) * R + r] = acct[(g * R + r) * 8 + i];
+      for (int64_t r = 0; r < R; ++r)
+        acc[(g * 8 + i) * R + r] = acct[Wide ? g * R * 8 + r / 2 * 16 + i * 2 + r % 2 : (g * R + r) * 8 + i];
 }
 #endif
 
@@ -485,7 +575,13 @@ void attend(const std::vector<Problem>& problems, Elem e, int64_t rows, int64_t 
       float *mi = m.data() + it * rows, *li = l.data() + it * rows, *ai = acc.data() + it * rows * R;
 #if defined(CPU_CAPABILITY_AVX2)
       if (by8) {
-        attend_chunk8(pr.q, pr.keys, pr.vals, e, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
+#if defined(__AVX512F__)
+        if (D % 2 == 0 && R % 2 == 0) {
+          attend_chunk8<true>(pr.q, pr.keys, pr.vals, e, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
+          continue;
+        }
+#endif
+        attend_chunk8<false>(pr.q, pr.keys, pr.vals, e, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
         continue;
       }
       if (by4) {
