@@ -165,9 +165,45 @@ inline void panel_tile(const float* x, int64_t ldx, const float* P, int64_t K, c
   }
 }
 
+#if defined(__AVX512F__)
+// With AVX-512 a panel's sixteen columns are one vector: R (<= 12) rows of x by the panel in R accumulators, each
+// row's element a broadcast load, one FMA a row per step along K (twice the work an FMA of the 8-lane tile does).
+template <int R>
+inline void panel_tile16(const float* x, int64_t ldx, const float* P, int64_t K, const float* bias, float* Y,
+                         int64_t ldy, int64_t nn, const float* pf) {
+  __m512 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    if (pf) _mm_prefetch(reinterpret_cast<const char*>(pf + k * kPanel), _MM_HINT_T0);
+    const __m512 p = _mm512_loadu_ps(P + k * kPanel);
+    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), p, a[r]);
+  }
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(__mmask16((1u << nn) - 1), bias) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(Y + r * ldy, __mmask16((1u << nn) - 1), _mm512_add_ps(a[r], b));
+}
+
+template <int R>  // panel_tile16 for n <= R rows
+inline void panel_tile16_n(int64_t n, const float* x, int64_t ldx, const float* P, int64_t K, const float* bias,
+                           float* Y, int64_t ldy, int64_t nn, const float* pf) {
+  if (n == R) return panel_tile16<R>(x, ldx, P, K, bias, Y, ldy, nn, pf);
+  if constexpr (R > 1) panel_tile16_n<R - 1>(n, x, ldx, P, K, bias, Y, ldy, nn, pf);
+}
+#endif
+
 // All M rows of x by panel P -> Y[:, n0 : n0 + nn]; `next`: the panel to prefetch meanwhile, or null.
 inline void panel(const float* x, int64_t M, const float* P, int64_t K, const float* bias, float* Y, int64_t ldy,
                   int64_t nn, const float* next) {
+#if defined(__AVX512F__)
+  // the rows in even tiles of at most 12: at least 8 accumulators, the FMA chains that keep both units busy, where
+  // M allows
+  const int64_t tiles = (M + 11) / 12;
+  for (int64_t t = 0, m = 0; t < tiles; ++t) {
+    const int64_t r = (M - m) / (tiles - t);
+    panel_tile16_n<12>(r, x + m * K, K, P, K, bias, Y + m * ldy, ldy, nn, t == 0 ? next : nullptr);
+    m += r;
+  }
+  return;
+#endif
   int64_t m = 0;
   if (next && M >= 6) panel_tile<6, true>(x, K, P, K, bias, Y, ldy, nn, next), m = 6;
   for (; m + 6 <= M; m += 6) panel_tile<6, false>(x + m * K, K, P, K, bias, Y + m * ldy, ldy, nn, nullptr);
