@@ -135,6 +135,21 @@ def test_a_kernel_that_does_not_build_leaves_the_pytorch_path(monkeypatch, tmp_p
     assert not list(tmp_path.rglob("*.so"))
 
 
+def test_a_kernel_build_is_keyed_to_the_cpu_flags(monkeypatch, tmp_path):
+    """A -march=native build is reused only on a CPU with the same instruction sets: an AVX-512 build loaded by an
+    AVX2-only machine that shares the cache would die of an illegal instruction."""
+    cxx = tmp_path / "cxx"  # a "compiler" that writes an empty library, which then fails to load
+    cxx.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\n: > "$2"\n')
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("R1KIT_CACHE", str(tmp_path))
+    for cpu in ("flags\t: fma avx2", "flags\t: fma avx2 avx512f"):
+        monkeypatch.setattr(M.kernels, "_cpu_flags", lambda: cpu)
+        with pytest.warns(UserWarning, match="loading"):
+            assert M.kernels._load("linear") is False
+    assert len(list((tmp_path / "kernels").glob("linear-*.so"))) == 2
+
+
 def test_auto_picks_absorbed_for_decode_and_naive_for_prefill():
     attn = M.build(C.deepseek_v3(num_hidden_layers=1, n_routed_experts=8, n_group=1, topk_group=1,
                                  num_experts_per_tok=2, first_k_dense_replace=1, vocab_size=8,
