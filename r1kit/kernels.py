@@ -1,8 +1,9 @@
 """CPU kernels in C++ (r1kit/csrc), built on first use with the system compiler and loaded as torch ops.
 
 The build is cached per source, torch version and CPU (its instruction sets) under `$R1KIT_CACHE` (default
-~/.cache/r1kit/kernels) and written atomically, so concurrent processes never load half a library. Without a compiler, or with
-`R1KIT_KERNELS=0`, `load` returns False and callers keep their pure-PyTorch path; the tests compare the two.
+~/.cache/r1kit/kernels) and written atomically, so concurrent processes never load half a library. Without a
+compiler, or with `R1KIT_KERNELS=0`, `load` returns False and callers keep their pure-PyTorch path; the tests compare
+the two.
 """
 
 from __future__ import annotations
