@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test install install-dev bench clean
+.PHONY: run test install install-bench bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,15 @@ run: install
 test: install
 	$(BIN)/python -m pytest
 
-bench: install
+# the peers the benchmarks run against (TRL for bench/grpo.py), with torch pinned in the same request
+$(VENV)/.bench: $(STAMP)
+	$(BIN)/pip install -q -e ".[dev,bench]" "$(TORCH)"
+	@$(BIN)/python -c "import torch; assert torch.__version__.startswith('$(subst torch==,,$(TORCH))'), torch.__version__"
+	touch $@
+
+install-bench: $(VENV)/.bench
+
+bench: install-bench
 	$(BIN)/python bench/train.py
 
 clean:
