@@ -464,7 +464,8 @@ void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, i
       m_new.store(m + g * 8);
 #if defined(__AVX512F__)
       if constexpr (Wide) {
-        for (int64_t k = 0; k < count; ++k) _mm512_storeu_ps(p2.data() + k * 16, doubled(_mm256_loadu_ps(sc.data() + k * 8)));
+        for (int64_t k = 0; k < count; ++k)
+          _mm512_storeu_ps(p2.data() + k * 16, doubled(_mm256_loadu_ps(sc.data() + k * 8)));
         values16_cols(acct.data() + g * R * 8, doubled(alpha), p2.data(), vb, val_stride, count, R / 2);
         continue;
       }
