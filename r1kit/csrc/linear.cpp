@@ -202,8 +202,7 @@ inline void panel(const float* x, int64_t M, const float* P, int64_t K, const fl
     panel_tile16_n<12>(r, x + m * K, K, P, K, bias, Y + m * ldy, ldy, nn, t == 0 ? next : nullptr);
     m += r;
   }
-  return;
-#endif
+#else
   int64_t m = 0;
   if (next && M >= 6) panel_tile<6, true>(x, K, P, K, bias, Y, ldy, nn, next), m = 6;
   for (; m + 6 <= M; m += 6) panel_tile<6, false>(x + m * K, K, P, K, bias, Y + m * ldy, ldy, nn, nullptr);
@@ -217,6 +216,7 @@ inline void panel(const float* x, int64_t M, const float* P, int64_t K, const fl
     case 1: panel_tile<1, false>(xm, K, P, K, bias, ym, ldy, nn, nullptr); break;
     default: break;
   }
+#endif
 }
 #endif
 
