@@ -341,6 +341,9 @@ class Engine:
         self._weights_version = self._version()
         # the projections' weights again in 16-column panels, for decode steps of 8+ rows (M.pack_linears)
         self.packed_bytes = M.pack_linears(model) if pack_weights else 0  # (0 off CPU: only CPU weights pack)
+        self._slot_tokens = self.slot_tokens.numpy()  # the same memory, for the per-step writes
+        # a dense model's plain decode step in one C++ call, where it can (M.dense_decoder), else the Python one
+        self._dense_step = None if self.speculative else M.dense_decoder(model, self.cache)
 
     # -- requests ----------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -404,6 +407,8 @@ class Engine:
         self.reset_prefix_cache()
         if self.packed_bytes:
             M.pack_linears(self.model, refresh=True)
+        if self._dense_step is not None:  # (it holds the tensors: a weight replaced by another needs a new one)
+            self._dense_step = M.dense_decoder(self.model, self.cache)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -568,17 +573,18 @@ class Engine:
 
     # -- decoding ----------------------------------------------------------------------------------------------
     def _decode(self, seqs: list[_Seq]) -> None:
-        tokens = torch.tensor([s.pending for s in seqs])
-        positions = torch.tensor([s.pos for s in seqs])
-        slots = torch.tensor([s.slot for s in seqs])
-        params = [s.request.params for s in seqs]
-        # the pick in the graph when nothing is left to the host: every row greedy, no min_tokens ban this step
-        greedy = all(p.greedy and len(s.out) >= p.min_tokens for s, p in zip(seqs, params))
-        dev = self.device
-        logits, picked = self._decode_step(tokens.to(dev)[:, None], positions.to(dev)[:, None], self.cache,
-                                           slots.to(dev), self._kv_len(max(s.pos for s in seqs) + 1), greedy)
-        self.slot_tokens[slots, positions] = tokens  # what each slot's cache rows hold, for prefix reuse
+        tokens, positions, slots = [s.pending for s in seqs], [s.pos for s in seqs], [s.slot for s in seqs]
+        # the pick in the step when nothing is left to the host: every row greedy, no min_tokens ban this step
+        greedy = all(s.request.params.greedy and len(s.out) >= s.request.params.min_tokens for s in seqs)
+        if self._dense_step is not None:
+            logits, picked = self._dense_step.step(tokens, positions, slots, greedy)
+        else:
+            dev = self.device
+            logits, picked = self._decode_step(
+                torch.tensor(tokens, device=dev)[:, None], torch.tensor(positions, device=dev)[:, None], self.cache,
+                torch.tensor(slots, device=dev), self._kv_len(max(positions) + 1), greedy)
         for s in seqs:
+            self._slot_tokens[s.slot, s.pos] = s.pending  # what each slot's cache rows hold, for prefix reuse
             s.pos += 1
             self.slot_valid[s.slot] = s.pos
         self._accept(seqs, picked if greedy else self._sample(seqs, logits), logits)

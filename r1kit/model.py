@@ -893,6 +893,44 @@ class Transformer(nn.Module):
         return self
 
 
+def dense_decoder(model: Transformer, cache: KVCache):
+    """A whole decode step of a dense model in C++ (`torch.classes.r1kit_cpu.DenseDecoder`, csrc/decode_step.cpp)
+    over `model`'s weights and the main layers of `cache`: `.step(tokens, positions, slots, greedy)` (lists of ints,
+    one entry a sequence) -> (logits (B, V) float32, their argmax (B,) or an empty tensor). Its twin is
+    `model(tokens, positions=..., cache=..., slots=...)`. None unless it can serve them: Qwen2 / Llama layers, float32
+    contiguous weights on CPU, a cache the attention kernel reads, the kernels built. It holds the tensors, not copies:
+    updates in place show; a replaced weight or pack needs a new one."""
+    c = model.config
+    params = list(model.parameters())
+    if (c.is_mla or cache.dtype not in CACHE_DTYPES or not params
+            or any(p.device.type != "cpu" or p.dtype != torch.float32 or type(p.data) is not torch.Tensor
+                   or not p.is_contiguous() for p in params)):
+        return None
+    layers = list(model.model.layers)
+    if not all(isinstance(b.self_attn, Attention) and type(b.mlp) is MLP for b in layers):
+        return None
+    norms = [n for b in layers for n in (b.input_layernorm, b.post_attention_layernorm)] + [model.model.norm]
+    if any(n.eps != c.rms_norm_eps for n in norms) or not all(
+            cpu_kernel(k) for k in ("small_linear", "small_linear2", "small_linear3", "gqa_attention")) or not (
+            kernels.load("decode_step")):
+        return None
+    none = torch.empty(0)
+
+    def proj(p: Linear) -> list[Tensor]:
+        return [p.weight, none if p.bias is None else p.bias, none if p.packed is None else p.packed]
+
+    tensors = [model.model.embed_tokens.weight, model.model.norm.weight, *proj(model.lm_head)[::2], model.inv_freq]
+    for i, b in enumerate(layers):
+        a, m = b.self_attn, b.mlp
+        tensors += [b.input_layernorm.weight, b.post_attention_layernorm.weight]
+        for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            tensors += proj(p)
+        tensors += list(cache.layers[i])
+    return torch.classes.r1kit_cpu.DenseDecoder(
+        tensors, [c.num_attention_heads, c.num_key_value_heads, c.head_dim],
+        [c.rms_norm_eps, model.rope_attention_factor])
+
+
 # ------------------------------------------------------------------------------------------------ the loss
 class _LinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of (hidden @ weight.T) computed chunk by chunk, with its gradients taken in the same pass.

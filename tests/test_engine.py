@@ -71,10 +71,48 @@ def test_16bit_cache_through_the_kernels_equals_the_gathered_path(which, kv_cach
     assert llm.engine.cache.bytes_per_token * 2 == LLM(model, max_num_seqs=4).engine.cache.bytes_per_token
     fast = llm.generate(PROMPTS, params)
     monkeypatch.setattr(M, "decode_kernel", lambda *a, **k: None)
+    monkeypatch.setattr(M, "dense_decoder", lambda *a, **k: None)  # (its attention is the kernel too)
     gathered = LLM(model, max_num_seqs=4, kv_cache_dtype=kv_cache_dtype).generate(PROMPTS, params)
     assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in gathered]
     with pytest.raises(RequestError, match="kv_cache_dtype='int8'"):
         LLM(model, kv_cache_dtype="int8")
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [dict(num_attention_heads=4, num_key_value_heads=2),
+                                   dict(num_attention_heads=5, num_key_value_heads=1, head_dim=10, attention_bias=True,
+                                        mlp_bias=True, model_type="llama", tie_word_embeddings=False,
+                                        rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                      "original_max_position_embeddings": 32})])
+def test_the_cpp_decode_step_equals_the_model_forward(shape, cache_dtype):
+    """M.dense_decoder's one-call step against its twin, the model's forward over a cache: the same logits, argmax
+    and cache rows, for rows at different positions and slots (GQA 2 and 5 heads a key head, biases everywhere,
+    YaRN's scaled rotation; a 16-bit cache)."""
+    torch.manual_seed(0)
+    model = M.build(C.tiny_dense(vocab_size=80, hidden_size=40, intermediate_size=56, num_hidden_layers=2,
+                                 max_position_embeddings=64, **shape)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # biases and norms not at their initial 0 / 1
+    caches = [M.KVCache(model.config, 4, 64, dtype=cache_dtype) for _ in range(2)]
+    step = M.dense_decoder(model, caches[0])
+    if step is None:
+        pytest.skip("no C++ compiler")
+    with torch.inference_mode():
+        prompts = torch.randint(3, 80, (4, 20))
+        for cache in caches:  # the same prompts in both caches, through the model
+            model(prompts, cache=cache)
+        for tokens, positions, slots in (([7], [20], [2]), ([9, 3, 70], [21, 33, 20], [0, 2, 3])):
+            logits, picked = step.step(tokens, positions, slots, True)
+            ref = model(torch.tensor(tokens)[:, None], positions=torch.tensor(positions)[:, None], cache=caches[1],
+                        slots=torch.tensor(slots))[:, -1]
+            torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+            assert picked.tolist() == ref.argmax(-1).tolist()
+            for (k0, v0), (k1, v1) in zip(caches[0].layers, caches[1].layers):
+                torch.testing.assert_close(k0, k1, rtol=1e-5, atol=1e-5), torch.testing.assert_close(v0, v1)
+        assert step.step([1], [30], [1], False)[1].numel() == 0  # not greedy: no pick
+        with pytest.raises(RuntimeError, match="out of range"):
+            step.step([80], [1], [0], True)
 
 
 def test_compiled_decode_step_equals_eager(mla):
@@ -90,15 +128,22 @@ def test_compiled_decode_step_equals_eager(mla):
     assert [o.outputs[0].token_ids for o in speculative] == [o.outputs[0].token_ids for o in eager]
 
 
-def test_compiled_greedy_step_picks_in_the_graph(dense):
-    # All rows greedy: the argmax runs in the compiled graph. While a min_tokens ban applies, the host picks.
+@pytest.mark.parametrize("cpp_step", [False, True])
+def test_greedy_steps_pick_in_the_step(dense, cpp_step, monkeypatch):
+    # All rows greedy: the argmax runs in the compiled graph, or in the C++ step (M.dense_decoder). While a
+    # min_tokens ban applies, the host picks.
     ref = [reference_greedy(dense, p, 12) for p in PROMPTS[:2]]
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=12, min_tokens=6, stop_token_ids=[ref[1][0]], ignore_eos=True)]
+    if not cpp_step:
+        monkeypatch.setattr(M, "dense_decoder", lambda *a, **k: None)
     eager = LLM(dense, max_num_seqs=2).generate(PROMPTS[:2], params)
-    compiled = LLM(dense, max_num_seqs=2, compile=True).generate(PROMPTS[:2], params)
-    assert [o.outputs[0].token_ids for o in compiled] == [o.outputs[0].token_ids for o in eager]
-    plain, banned = (o.outputs[0] for o in compiled)
+    fast = LLM(dense, max_num_seqs=2, compile=not cpp_step)
+    if cpp_step and fast.engine._dense_step is None:
+        pytest.skip("no C++ compiler")
+    out = fast.generate(PROMPTS[:2], params)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in eager]
+    plain, banned = (o.outputs[0] for o in out)
     assert plain.token_ids == ref[0]
     assert ref[1][0] not in banned.token_ids[:6] and banned.token_ids != ref[1]  # the ban held, then ended
 
