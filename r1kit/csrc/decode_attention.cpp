@@ -50,6 +50,14 @@ Elem elem_of(const at::Tensor& t) {
   return Elem::F32;
 }
 
+// Scratch floats of this thread, kept from call to call: a chunk's buffers cost no allocation (at batch 16 a step
+// attends 32 chunks a layer). Slot i is one buffer; its contents are whatever the last user left.
+float* scratch(int i, int64_t n) {
+  thread_local std::vector<float> bufs[4];
+  if (static_cast<int64_t>(bufs[i].size()) < n) bufs[i].resize(n);
+  return bufs[i].data();
+}
+
 // Rows [first, first + n) of `stride` elements from a cache of type e, as float32: in place for a float32 cache,
 // else converted into buf (n * stride floats).
 const float* rows_f32(const void* base, int64_t first, int64_t n, int64_t stride, Elem e, float* buf) {
@@ -282,21 +290,21 @@ void attend_chunk4(const float* q, const void* keys, const void* vals, Elem e, i
   std::fill(m, m + rows, neg_inf);
   std::fill(l, l + rows, 0.f);
   std::fill(acc, acc + rows * R, 0.f);
-  std::vector<float> q4(groups * D * 4), sc((kBlock + 1) * 4);
-  std::vector<float> kbuf(e == Elem::F32 ? 0 : kBlock * D);  // a 16-bit cache's block, as float32
-  std::vector<float> vbuf(e == Elem::F32 || vals == keys ? 0 : kBlock * val_stride);
+  float *q4 = scratch(0, groups * D * 4), *sc = scratch(1, (kBlock + 1) * 4);
+  float* kbuf = scratch(2, e == Elem::F32 ? 0 : kBlock * D);  // a 16-bit cache's block, as float32
+  float* vbuf = scratch(3, e == Elem::F32 || vals == keys ? 0 : kBlock * val_stride);
   for (int64_t g = 0; g < groups; ++g)  // q4[g][d / 2][row][d % 2]
     for (int64_t r = 0; r < 4; ++r)
       for (int64_t d = 0; d < D; ++d) q4[g * D * 4 + d / 2 * 8 + r * 2 + d % 2] = q[(g * 4 + r) * D + d];
   for (int64_t s = s0; s < s1; s += kBlock) {
     const int64_t n = std::min(kBlock, s1 - s);
-    const float* kb = rows_f32(keys, s, n, D, e, kbuf.data());
-    const float* vb = vals == keys ? kb : rows_f32(vals, s, n, val_stride, e, vbuf.data());
+    const float* kb = rows_f32(keys, s, n, D, e, kbuf);
+    const float* vb = vals == keys ? kb : rows_f32(vals, s, n, val_stride, e, vbuf);
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t count = std::min(n, visible[g * 4] - s);
       if (count <= 0) continue;
-      const float* qg = q4.data() + g * D * 4;
-      float* p = sc.data();
+      const float* qg = q4 + g * D * 4;
+      float* p = sc;
       int64_t j = 0;
       for (; j + 8 <= count; j += 8) scores4<8>(qg, kb + j * D, D, p + j * 4);
       for (; j + 2 <= count; j += 2) scores4<2>(qg, kb + j * D, D, p + j * 4);
@@ -411,21 +419,23 @@ void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, i
   std::fill(m, m + rows, neg_inf);
   std::fill(l, l + rows, 0.f);
   // acct: acct[g][column][lane]; Wide: acct[g][column pair][lane][even, odd]
-  std::vector<float> qt(rows * D), sc(kBlock * 8), acct(groups * R * 8, 0.f), p2(Wide ? kBlock * 16 : 0);
-  std::vector<float> kbuf(e == Elem::F32 ? 0 : kBlock * D);  // a 16-bit cache's block, as float32
-  std::vector<float> vbuf(e == Elem::F32 || vals == keys ? 0 : kBlock * val_stride);
+  float *qt = scratch(0, rows * D + (Wide ? kBlock * 16 : 0)), *p2 = qt + rows * D;
+  float *sc = scratch(1, kBlock * 8 + groups * R * 8), *acct = sc + kBlock * 8;
+  std::fill(acct, acct + groups * R * 8, 0.f);
+  float* kbuf = scratch(2, e == Elem::F32 ? 0 : kBlock * D);  // a 16-bit cache's block, as float32
+  float* vbuf = scratch(3, e == Elem::F32 || vals == keys ? 0 : kBlock * val_stride);
   for (int64_t g = 0; g < groups; ++g)  // each group's rows transposed: qt[g][d][lane]; Wide: qt[g][d / 2][lane][d % 2]
     for (int64_t i = 0; i < 8; ++i)
       for (int64_t d = 0; d < D; ++d)
         qt[Wide ? g * D * 8 + d / 2 * 16 + i * 2 + d % 2 : (g * D + d) * 8 + i] = q[(g * 8 + i) * D + d];
   for (int64_t s = s0; s < s1; s += kBlock) {
     const int64_t n = std::min(kBlock, s1 - s);
-    const float* kb = rows_f32(keys, s, n, D, e, kbuf.data());
-    const float* vb = vals == keys ? kb : rows_f32(vals, s, n, val_stride, e, vbuf.data());
+    const float* kb = rows_f32(keys, s, n, D, e, kbuf);
+    const float* vb = vals == keys ? kb : rows_f32(vals, s, n, val_stride, e, vbuf);
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t count = std::min(n, visible[g * 8] - s);
       if (count <= 0) continue;
-      const float* qg = qt.data() + g * D * 8;
+      const float* qg = qt + g * D * 8;
       int64_t j = 0;
       for (; j + 8 <= count; j += 8) {
         // pull the keys kPrefetch rows on into L1 while these are scored: a cold cache streams from memory, and
@@ -438,25 +448,25 @@ void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, i
         }
 #if defined(__AVX512F__)
         if constexpr (Wide) {
-          scores16<8>(qg, kb + j * D, D, sc.data() + j * 8);
+          scores16<8>(qg, kb + j * D, D, sc + j * 8);
           continue;
         }
 #endif
-        scores8<8>(qg, kb + j * D, D, sc.data() + j * 8);
+        scores8<8>(qg, kb + j * D, D, sc + j * 8);
       }
 #if defined(__AVX512F__)
       if constexpr (Wide) {
-        if (j < count) scores16_n<7>(qg, kb + j * D, D, count - j, sc.data() + j * 8);
+        if (j < count) scores16_n<7>(qg, kb + j * D, D, count - j, sc + j * 8);
       } else
 #endif
-        scores8_tail(qg, kb + j * D, D, count - j, sc.data() + j * 8);
+        scores8_tail(qg, kb + j * D, D, count - j, sc + j * 8);
       __m256 mx = _mm256_set1_ps(neg_inf);
-      for (int64_t k = 0; k < count; ++k) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc.data() + k * 8));
+      for (int64_t k = 0; k < count; ++k) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc + k * 8));
       const Vec m_old = Vec::loadu(m + g * 8), m_new = at::vec::maximum(m_old, Vec(mx));
       Vec sum(0.f);
       for (int64_t k = 0; k < count; ++k) {
-        const Vec p = (Vec::loadu(sc.data() + k * 8) - m_new).exp_u20();
-        p.store(sc.data() + k * 8);
+        const Vec p = (Vec::loadu(sc + k * 8) - m_new).exp_u20();
+        p.store(sc + k * 8);
         sum = sum + p;
       }
       const Vec alpha = (m_old - m_new).exp_u20();  // 0 on the first block (m = -inf)
@@ -465,12 +475,12 @@ void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, i
 #if defined(__AVX512F__)
       if constexpr (Wide) {
         for (int64_t k = 0; k < count; ++k)
-          _mm512_storeu_ps(p2.data() + k * 16, doubled(_mm256_loadu_ps(sc.data() + k * 8)));
-        values16_cols(acct.data() + g * R * 8, doubled(alpha), p2.data(), vb, val_stride, count, R / 2);
+          _mm512_storeu_ps(p2 + k * 16, doubled(_mm256_loadu_ps(sc + k * 8)));
+        values16_cols(acct + g * R * 8, doubled(alpha), p2, vb, val_stride, count, R / 2);
         continue;
       }
 #endif
-      values8_cols(acct.data() + g * R * 8, alpha, sc.data(), vb, val_stride, count, R);
+      values8_cols(acct + g * R * 8, alpha, sc, vb, val_stride, count, R);
     }
   }
   for (int64_t g = 0; g < groups; ++g)
@@ -487,15 +497,15 @@ void attend_chunk(const float* q, const void* keys, const void* vals, Elem e, in
   std::fill(m, m + rows, neg_inf);
   std::fill(l, l + rows, 0.f);
   std::fill(acc, acc + rows * R, 0.f);
-  std::vector<float> scores(rows * kBlock), alpha(rows);
-  std::vector<float> kbuf(e == Elem::F32 ? 0 : kBlock * D);  // a 16-bit cache's block, as float32
-  std::vector<float> vbuf(e == Elem::F32 || vals == keys ? 0 : kBlock * val_stride);
+  float *scores = scratch(0, rows * kBlock + rows), *alpha = scores + rows * kBlock;
+  float* kbuf = scratch(2, e == Elem::F32 ? 0 : kBlock * D);  // a 16-bit cache's block, as float32
+  float* vbuf = scratch(3, e == Elem::F32 || vals == keys ? 0 : kBlock * val_stride);
   std::vector<int64_t> count(rows);
   for (int64_t s = s0; s < s1; s += kBlock) {
     const int64_t n = std::min(kBlock, s1 - s);
-    const float* kb = rows_f32(keys, s, n, D, e, kbuf.data());
-    const float* vb = vals == keys ? kb : rows_f32(vals, s, n, val_stride, e, vbuf.data());
-    float* sc = scores.data();
+    const float* kb = rows_f32(keys, s, n, D, e, kbuf);
+    const float* vb = vals == keys ? kb : rows_f32(vals, s, n, val_stride, e, vbuf);
+    float* sc = scores;
     int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX2)
     if (D % 8 == 0)  // two query rows against four keys at a time: each key block read once per pair of rows
@@ -528,7 +538,7 @@ void attend_chunk(const float* q, const void* keys, const void* vals, Elem e, in
     for (int64_t i = 0, j; i < rows; i = j) {  // the values, for each run of rows that see the same keys
       for (j = i + 1; j < rows && count[j] == count[i]; ++j) {}
       if (count[i] > 0)
-        accumulate(acc + i * R, R, alpha.data() + i, sc + i * kBlock, kBlock, 1, vb, val_stride,
+        accumulate(acc + i * R, R, alpha + i, sc + i * kBlock, kBlock, 1, vb, val_stride,
                    count[i], R, j - i);
     }
   }
@@ -568,32 +578,7 @@ void attend(const std::vector<Problem>& problems, Elem e, int64_t rows, int64_t 
     }
 #endif
   std::vector<float> m(items * rows), l(items * rows), acc(items * rows * R);
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t b = std::upper_bound(first.begin(), first.end(), it) - first.begin() - 1;
-      const Problem& pr = problems[b];
-      const int64_t s0 = (it - first[b]) * chunk_len[b], s1 = std::min(pr.S, s0 + chunk_len[b]);
-      float *mi = m.data() + it * rows, *li = l.data() + it * rows, *ai = acc.data() + it * rows * R;
-#if defined(CPU_CAPABILITY_AVX2)
-      if (by8) {
-#if defined(__AVX512F__)
-        if (D % 2 == 0 && R % 2 == 0) {
-          attend_chunk8<true>(pr.q, pr.keys, pr.vals, e, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
-          continue;
-        }
-#endif
-        attend_chunk8<false>(pr.q, pr.keys, pr.vals, e, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
-        continue;
-      }
-      if (by4) {
-        attend_chunk4(pr.q, pr.keys, pr.vals, e, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
-        continue;
-      }
-#endif
-      attend_chunk(pr.q, pr.keys, pr.vals, e, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
-    }
-  });
-  for (int64_t b = 0; b < P; ++b) {  // merge the chunks
+  auto merge = [&](int64_t b) {  // problem b's chunks -> its output rows
     for (int64_t i = 0; i < rows; ++i) {
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t c = first[b]; c < first[b + 1]; ++c) mx = std::max(mx, m[c * rows + i]);
@@ -609,7 +594,31 @@ void attend(const std::vector<Problem>& problems, Elem e, int64_t rows, int64_t 
       }
       for (int64_t d = 0; d < R; ++d) o[d] /= denom;
     }
-  }
+  };
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t b = std::upper_bound(first.begin(), first.end(), it) - first.begin() - 1;
+      const Problem& pr = problems[b];
+      const int64_t s0 = (it - first[b]) * chunk_len[b], s1 = std::min(pr.S, s0 + chunk_len[b]);
+      float *mi = m.data() + it * rows, *li = l.data() + it * rows, *ai = acc.data() + it * rows * R;
+#if defined(CPU_CAPABILITY_AVX2)
+      if (by8) {
+#if defined(__AVX512F__)
+        if (D % 2 == 0 && R % 2 == 0)
+          attend_chunk8<true>(pr.q, pr.keys, pr.vals, e, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
+        else
+#endif
+          attend_chunk8<false>(pr.q, pr.keys, pr.vals, e, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
+      } else if (by4) {
+        attend_chunk4(pr.q, pr.keys, pr.vals, e, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
+      } else
+#endif
+        attend_chunk(pr.q, pr.keys, pr.vals, e, rows, D, R, val_stride, pr.visible, s0, s1, mi, li, ai);
+      if (first[b + 1] - first[b] == 1) merge(b);  // a problem in one chunk: done here, on this thread
+    }
+  });
+  for (int64_t b = 0; b < P; ++b)  // the chunks of the split ones
+    if (first[b + 1] - first[b] > 1) merge(b);
 }
 
 // Per batch row: its cache slot, its keys' count, and how many keys each of its query rows sees (query t = i / group).
