@@ -182,11 +182,59 @@ inline void panel_tile16(const float* x, int64_t ldx, const float* P, int64_t K,
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(Y + r * ldy, __mmask16((1u << nn) - 1), _mm512_add_ps(a[r], b));
 }
 
+// Two adjacent panels (32 columns, nn of them) at once: each row's broadcast feeds two FMAs, and 2R chains hide
+// the FMA latency that R chains of one panel leave exposed at eight rows.
+template <int R>
+inline void panel_tile16x2(const float* x, int64_t ldx, const float* P, int64_t K, const float* bias, float* Y,
+                           int64_t ldy, int64_t nn, const float* pf) {
+  __m512 a[R], c[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps(), c[r] = _mm512_setzero_ps();
+  const float* Q = P + K * kPanel;
+  for (int64_t k = 0; k < K; ++k) {
+    if (pf) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + 2 * k * kPanel), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pf + 2 * k * kPanel + kPanel), _MM_HINT_T0);
+    }
+    const __m512 p = _mm512_loadu_ps(P + k * kPanel), q = _mm512_loadu_ps(Q + k * kPanel);
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_set1_ps(x[r * ldx + k]);
+      a[r] = _mm512_fmadd_ps(s, p, a[r]), c[r] = _mm512_fmadd_ps(s, q, c[r]);
+    }
+  }
+  const __mmask16 m0 = __mmask16((1u << std::min<int64_t>(nn, 16)) - 1), m1 = __mmask16((1u << (nn - 16)) - 1);
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(Y + r * ldy, m0, _mm512_add_ps(a[r], b0));
+    _mm512_mask_storeu_ps(Y + r * ldy + 16, m1, _mm512_add_ps(c[r], b1));
+  }
+}
+
+template <int R>  // panel_tile16x2 for n <= R rows
+inline void panel_tile16x2_n(int64_t n, const float* x, int64_t ldx, const float* P, int64_t K, const float* bias,
+                             float* Y, int64_t ldy, int64_t nn, const float* pf) {
+  if (n == R) return panel_tile16x2<R>(x, ldx, P, K, bias, Y, ldy, nn, pf);
+  if constexpr (R > 1) panel_tile16x2_n<R - 1>(n, x, ldx, P, K, bias, Y, ldy, nn, pf);
+}
+
 template <int R>  // panel_tile16 for n <= R rows
 inline void panel_tile16_n(int64_t n, const float* x, int64_t ldx, const float* P, int64_t K, const float* bias,
                            float* Y, int64_t ldy, int64_t nn, const float* pf) {
   if (n == R) return panel_tile16<R>(x, ldx, P, K, bias, Y, ldy, nn, pf);
   if constexpr (R > 1) panel_tile16_n<R - 1>(n, x, ldx, P, K, bias, Y, ldy, nn, pf);
+}
+#endif
+
+#if defined(__AVX512F__)
+// All M rows of x by the two panels from P -> Y[:, n0 : n0 + nn], 16 < nn <= 32; `next` as for `panel`.
+inline void panel_pair(const float* x, int64_t M, const float* P, int64_t K, const float* bias, float* Y,
+                       int64_t ldy, int64_t nn, const float* next) {
+  const int64_t tiles = (M + 11) / 12;
+  for (int64_t t = 0, m = 0; t < tiles; ++t) {
+    const int64_t r = (M - m) / (tiles - t);
+    panel_tile16x2_n<12>(r, x + m * K, K, P, K, bias, Y + m * ldy, ldy, nn, t == 0 ? next : nullptr);
+    m += r;
+  }
 }
 #endif
 
@@ -278,6 +326,14 @@ std::vector<at::Tensor> small_linears(const at::Tensor& x, const std::vector<at:
 #if defined(CPU_CAPABILITY_AVX2)
       if (panels) {
         const float* P = packs[i]->data_ptr<float>() + n0 * K;
+#if defined(__AVX512F__)
+        if (M > 8 && b + 1 < end && b + 1 < first[i + 1]) {  // this panel and the next of the weight together
+          const float* next = b + 2 == end ? nullptr : b + 2 < first[i + 1] ? P + 2 * kPanel * K : packs[i + 1]->data_ptr<float>();
+          panel_pair(rows[0], M, P, K, B[i] ? B[i] + n0 : nullptr, Y[i] + n0, N[i], std::min<int64_t>(2 * kPanel, N[i] - n0), next);
+          ++b;
+          continue;
+        }
+#endif
         const float* next = b + 1 == end ? nullptr : b + 1 < first[i + 1] ? P + kPanel * K : packs[i + 1]->data_ptr<float>();
         panel(rows[0], M, P, K, B[i] ? B[i] + n0 : nullptr, Y[i] + n0, N[i], nn, next);
         continue;
