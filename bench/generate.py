@@ -2,8 +2,9 @@
 
 The tiny DeepSeek-V3 of shared/BASELINES.md (random weights, fp32, 2 threads), and a dense Qwen2 of similar size:
 - decode tokens/s at batch 1 and 16 (prompt 32, 128 new tokens, greedy, EOS ignored), wall time incl. prefill, the
-  median of 3 (--quick) or 5 generations, r1kit (compiled and eager, projections packed as for a checkpoint the
-  LLM loads itself) and transformers taking turns;
+  median of 3 (--quick) or 5 generations, r1kit and transformers taking turns. r1kit: the engine as configured for
+  speed (projections packed as for a checkpoint the LLM loads itself; the dense model's step in one C++ call, the
+  MLA+MoE model's step compiled), and its eager PyTorch path (the same kernels, no compiled graph, no C++ step);
 - decode step time against context length (batch 1): 32 / 256 / 1k / 2k / 4k tokens of prompt, the median of 64
   steps each timed alone (r1kit's engine stepped by hand; transformers' one-token forwards on its cache), measured
   in 3 or 5 rounds (or --rounds) over all the contexts; the medians of the rounds, and the growth from 32 to the
@@ -142,6 +143,7 @@ def decode_table(kind: str, reps: int, contexts: list[int], throughput: bool = T
     hf, ours = hf_pair(kind)
     # packed projections, as an LLM loading this checkpoint from its directory does by itself (`pack_weights`)
     eager = LLM(ours, max_num_seqs=16, max_model_len=max(contexts) + NEW + 8, pack_weights=True)
+    eager.engine._dense_step = None  # the engine's PyTorch path, step by step, for comparison
     cache_dtypes = {"r1kit": None}  # engine name -> its cache's dtype (None: the model's)
     if kv_cache_dtype:
         cache_dtypes[f"r1kit_{kv_cache_dtype}_kv"] = kv_cache_dtype
