@@ -115,6 +115,27 @@ def test_the_cpp_decode_step_equals_the_model_forward(shape, cache_dtype):
             step.step([80], [1], [0], True)
 
 
+def test_the_cpp_step_follows_weights_replaced_then_refreshed(dense):
+    """The C++ step holds the weight tensors: an update in place shows at once (as does `p.data = ...`, which keeps
+    the tensor); a parameter replaced by a new one shows after refresh_weights(), which builds the step anew."""
+    model = copy.deepcopy(dense)
+    llm = LLM(model, max_num_seqs=2, enable_prefix_caching=False)
+    if llm.engine._dense_step is None:
+        pytest.skip("no C++ compiler")
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1)
+
+    def logprobs(engine):  # (a tiny random model repeats one token: its logprobs tell the weights apart)
+        return [o.outputs[0].logprobs for o in engine.generate(PROMPTS[:2], params)]
+
+    before = logprobs(llm)
+    for name, p in list(model.named_parameters()):
+        owner, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+        setattr(owner, attr, torch.nn.Parameter(p.detach() * -1.5))  # new tensors
+    llm.refresh_weights()
+    after = logprobs(llm)
+    assert after == logprobs(LLM(model, max_num_seqs=2, enable_prefix_caching=False)) != before
+
+
 def test_compiled_decode_step_equals_eager(mla):
     # One compiled graph serves every batch size above 1 and every context length (symbolic shapes): a request
     # leaves early (max_tokens), so the batch shrinks from 3 to 2, while the context grows past one 64-key block.
