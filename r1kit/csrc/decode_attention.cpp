@@ -318,7 +318,8 @@ inline void values4x16(float* acc, int64_t R, const float* alpha, const float* p
                        int64_t count) {
   __m512 a[4][NV];
   for (int r = 0; r < 4; ++r)
-    for (int v = 0; v < NV; ++v) a[r][v] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * R + v * 16), _mm512_set1_ps(alpha[r]));
+    for (int v = 0; v < NV; ++v)
+      a[r][v] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * R + v * 16), _mm512_set1_ps(alpha[r]));
   for (int64_t k = 0; k < count; ++k) {
     __m512 x[NV];
     for (int v = 0; v < NV; ++v) x[v] = _mm512_loadu_ps(vals + k * stride + v * 16);

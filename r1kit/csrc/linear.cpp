@@ -328,8 +328,11 @@ std::vector<at::Tensor> small_linears(const at::Tensor& x, const std::vector<at:
         const float* P = packs[i]->data_ptr<float>() + n0 * K;
 #if defined(__AVX512F__)
         if (M > 8 && b + 1 < end && b + 1 < first[i + 1]) {  // this panel and the next of the weight together
-          const float* next = b + 2 == end ? nullptr : b + 2 < first[i + 1] ? P + 2 * kPanel * K : packs[i + 1]->data_ptr<float>();
-          panel_pair(rows[0], M, P, K, B[i] ? B[i] + n0 : nullptr, Y[i] + n0, N[i], std::min<int64_t>(2 * kPanel, N[i] - n0), next);
+          const float* next = b + 2 == end               ? nullptr
+                              : b + 2 < first[i + 1] ? P + 2 * kPanel * K
+                                                     : packs[i + 1]->data_ptr<float>();
+          panel_pair(rows[0], M, P, K, B[i] ? B[i] + n0 : nullptr, Y[i] + n0, N[i],
+                     std::min<int64_t>(2 * kPanel, N[i] - n0), next);
           ++b;
           continue;
         }
