@@ -19,7 +19,9 @@
 // across lanes (the kernel 1.13-1.29x on Qwen2's shape). With AVX-512 the lane-per-row path runs on sixteen lanes,
 // eight rows by an (even, odd) pair of key elements or value columns (DeepSeek-V3's shape: 1.43x hot, 1.22x cold),
 // and the four-row path takes its values sixteen columns a vector (1.10-1.13x on Qwen2's shape) and its softmax
-// four keys by four rows a vector (1.05-1.08x more).
+// four keys by four rows a vector (1.05-1.08x more). The lane-per-row path's values, when R is a multiple of 16,
+// go row by row too, eight rows by sixteen columns a vector: a load per two FMAs instead of one per FMA, and no
+// pass to double the weights (DeepSeek-V3's shape 1.06-1.11x).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -311,24 +313,24 @@ inline __m128 fold4(__m512 x, F f) {
   return _mm512_castps512_ps128(x);
 }
 
-// accumulate for four rows, sixteen columns a vector (R % 16 == 0): p[r + 4k] is row r's weight of key k; NV vectors
-// of columns a tile, 4 x NV accumulators.
-template <int NV>
-inline void values4x16(float* acc, int64_t R, const float* alpha, const float* p, const float* vals, int64_t stride,
-                       int64_t count) {
-  __m512 a[4][NV];
-  for (int r = 0; r < 4; ++r)
+// accumulate for NR rows, sixteen columns a vector (R % 16 == 0): p[r + NR * k] is row r's weight of key k (key-major
+// weights, as the softmax leaves them); NV vectors of columns a tile, NR x NV accumulators.
+template <int NR, int NV>
+inline void values_rows16(float* acc, int64_t R, const float* alpha, const float* p, const float* vals, int64_t stride,
+                          int64_t count) {
+  __m512 a[NR][NV];
+  for (int r = 0; r < NR; ++r)
     for (int v = 0; v < NV; ++v)
       a[r][v] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * R + v * 16), _mm512_set1_ps(alpha[r]));
   for (int64_t k = 0; k < count; ++k) {
     __m512 x[NV];
     for (int v = 0; v < NV; ++v) x[v] = _mm512_loadu_ps(vals + k * stride + v * 16);
-    for (int r = 0; r < 4; ++r) {
-      const __m512 pr = _mm512_set1_ps(p[k * 4 + r]);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 pr = _mm512_set1_ps(p[k * NR + r]);
       for (int v = 0; v < NV; ++v) a[r][v] = _mm512_fmadd_ps(pr, x[v], a[r][v]);
     }
   }
-  for (int r = 0; r < 4; ++r)
+  for (int r = 0; r < NR; ++r)
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + r * R + v * 16, a[r][v]);
 }
 #endif
@@ -392,8 +394,8 @@ void attend_chunk4(const float* q, const void* keys, const void* vals, Elem e, i
         float a4[4];
         _mm_storeu_ps(a4, alpha);
         int64_t d = 0;
-        for (; d + 32 <= R; d += 32) values4x16<2>(acc + g * 4 * R + d, R, a4, p, vb + d, val_stride, count);
-        if (d < R) values4x16<1>(acc + g * 4 * R + d, R, a4, p, vb + d, val_stride, count);
+        for (; d + 32 <= R; d += 32) values_rows16<4, 2>(acc + g * 4 * R + d, R, a4, p, vb + d, val_stride, count);
+        if (d < R) values_rows16<4, 1>(acc + g * 4 * R + d, R, a4, p, vb + d, val_stride, count);
         continue;
       }
 #endif
@@ -504,6 +506,12 @@ void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, i
   float *qt = scratch(0, rows * D + (Wide ? kBlock * 16 : 0)), *p2 = qt + rows * D;
   float *sc = scratch(1, kBlock * 8 + groups * R * 8), *acct = sc + kBlock * 8;
   std::fill(acct, acct + groups * R * 8, 0.f);
+#if defined(__AVX512F__)
+  const bool rowwise = R % 16 == 0;  // the values row by row, sixteen columns a vector: acc directly
+  if (rowwise) std::fill(acc, acc + rows * R, 0.f);
+#else
+  const bool rowwise = false;
+#endif
   float* kbuf = scratch(2, e == Elem::F32 ? 0 : kBlock * D);  // a 16-bit cache's block, as float32
   float* vbuf = scratch(3, e == Elem::F32 || vals == keys ? 0 : kBlock * val_stride);
   for (int64_t g = 0; g < groups; ++g)  // each group's rows transposed: qt[g][d][lane]; Wide: qt[g][d / 2][lane][d % 2]
@@ -555,6 +563,14 @@ void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, i
       (Vec::loadu(l + g * 8) * alpha + sum).store(l + g * 8);
       m_new.store(m + g * 8);
 #if defined(__AVX512F__)
+      if (rowwise) {  // eight rows by sixteen columns a vector, straight into acc
+        float a8[8];
+        alpha.store(a8);
+        int64_t d = 0;
+        for (; d + 32 <= R; d += 32) values_rows16<8, 2>(acc + g * 8 * R + d, R, a8, sc, vb + d, val_stride, count);
+        if (d < R) values_rows16<8, 1>(acc + g * 8 * R + d, R, a8, sc, vb + d, val_stride, count);
+        continue;
+      }
       if constexpr (Wide) {
         for (int64_t k = 0; k < count; ++k)
           _mm512_storeu_ps(p2 + k * 16, doubled(_mm256_loadu_ps(sc + k * 8)));
@@ -565,6 +581,7 @@ void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, i
       values8_cols(acct + g * R * 8, alpha, sc, vb, val_stride, count, R);
     }
   }
+  if (rowwise) return;
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t i = 0; i < 8; ++i)
       for (int64_t r = 0; r < R; ++r)
