@@ -296,7 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write results JSON here (and a markdown table beside it)")
     p.set_defaults(func=_eval)
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    many = {"generate": "prompt", "eval": "models"}.get(args.command)  # a positional that takes several words
+    if extra and many and not any(a.startswith("-") for a in extra):
+        # words after the options (`r1kit generate ckpt --raw "a prompt"`): argparse fills such a positional from one
+        # run of words only
+        setattr(args, many, getattr(args, many) + extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(a for a in extra if a.startswith('-') or not many)}")
     from r1kit.checkpoint import CheckpointError
     from r1kit.config import ConfigError
     from r1kit.engine import RequestError

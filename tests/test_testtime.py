@@ -89,6 +89,13 @@ def test_cli_generate_votes_marks_and_picks(checkpoint, capsys):
     assert texts[0] == texts[1] == json.loads(capsys.readouterr().out)[0]["samples"][0]["text"]
     assert main(greedy + ["--thinking-budget", "4"]) == 0  # the budget path: reasoning capped, then an answer
     assert len(json.loads(capsys.readouterr().out)[0]["samples"]) == 2
+    # the prompts after the options, as one naturally types them; an unknown option is still an error
+    assert main(["generate", str(checkpoint), "--n", "2", "--temperature", "0", "--max-tokens", "12", "--json",
+                 "1+2"]) == 0
+    assert [s["text"] for s in json.loads(capsys.readouterr().out)[0]["samples"]] == texts
+    with pytest.raises(SystemExit):
+        main(["generate", str(checkpoint), "--json", "1+2", "--bogus"])
+    assert "unrecognized arguments: --bogus\n" in capsys.readouterr().err
 
 
 def test_cli_min_thinking_without_a_budget_is_an_error(capsys):
