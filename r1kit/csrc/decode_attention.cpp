@@ -505,13 +505,15 @@ void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, i
   // acct: acct[g][column][lane]; Wide: acct[g][column pair][lane][even, odd]
   float *qt = scratch(0, rows * D + (Wide ? kBlock * 16 : 0)), *p2 = qt + rows * D;
   float *sc = scratch(1, kBlock * 8 + groups * R * 8), *acct = sc + kBlock * 8;
-  std::fill(acct, acct + groups * R * 8, 0.f);
 #if defined(__AVX512F__)
   const bool rowwise = R % 16 == 0;  // the values row by row, sixteen columns a vector: acc directly
-  if (rowwise) std::fill(acc, acc + rows * R, 0.f);
 #else
   const bool rowwise = false;
 #endif
+  if (rowwise)
+    std::fill(acc, acc + rows * R, 0.f);
+  else
+    std::fill(acct, acct + groups * R * 8, 0.f);
   float* kbuf = scratch(2, e == Elem::F32 ? 0 : kBlock * D);  // a 16-bit cache's block, as float32
   float* vbuf = scratch(3, e == Elem::F32 || vals == keys ? 0 : kBlock * val_stride);
   for (int64_t g = 0; g < groups; ++g)  // each group's rows transposed: qt[g][d][lane]; Wide: qt[g][d / 2][lane][d % 2]

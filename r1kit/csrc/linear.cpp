@@ -225,29 +225,21 @@ inline void panel_tile16_n(int64_t n, const float* x, int64_t ldx, const float* 
 }
 #endif
 
-#if defined(__AVX512F__)
-// All M rows of x by the two panels from P -> Y[:, n0 : n0 + nn], 16 < nn <= 32; `next` as for `panel`.
-inline void panel_pair(const float* x, int64_t M, const float* P, int64_t K, const float* bias, float* Y,
-                       int64_t ldy, int64_t nn, const float* next) {
-  const int64_t tiles = (M + 11) / 12;
-  for (int64_t t = 0, m = 0; t < tiles; ++t) {
-    const int64_t r = (M - m) / (tiles - t);
-    panel_tile16x2_n<12>(r, x + m * K, K, P, K, bias, Y + m * ldy, ldy, nn, t == 0 ? next : nullptr);
-    m += r;
-  }
-}
-#endif
-
-// All M rows of x by panel P -> Y[:, n0 : n0 + nn]; `next`: the panel to prefetch meanwhile, or null.
+// All M rows of x by panel P -> Y[:, n0 : n0 + nn]; `next`: the panel to prefetch meanwhile, or null. With `two`
+// (AVX-512 only), by P and the panel after it at once: 16 < nn <= 32.
 inline void panel(const float* x, int64_t M, const float* P, int64_t K, const float* bias, float* Y, int64_t ldy,
-                  int64_t nn, const float* next) {
+                  int64_t nn, const float* next, bool two = false) {
 #if defined(__AVX512F__)
   // the rows in even tiles of at most 12: at least 8 accumulators, the FMA chains that keep both units busy, where
   // M allows
   const int64_t tiles = (M + 11) / 12;
   for (int64_t t = 0, m = 0; t < tiles; ++t) {
     const int64_t r = (M - m) / (tiles - t);
-    panel_tile16_n<12>(r, x + m * K, K, P, K, bias, Y + m * ldy, ldy, nn, t == 0 ? next : nullptr);
+    const float* pf = t == 0 ? next : nullptr;
+    if (two)
+      panel_tile16x2_n<12>(r, x + m * K, K, P, K, bias, Y + m * ldy, ldy, nn, pf);
+    else
+      panel_tile16_n<12>(r, x + m * K, K, P, K, bias, Y + m * ldy, ldy, nn, pf);
     m += r;
   }
 #else
@@ -331,8 +323,8 @@ std::vector<at::Tensor> small_linears(const at::Tensor& x, const std::vector<at:
           const float* next = b + 2 == end               ? nullptr
                               : b + 2 < first[i + 1] ? P + 2 * kPanel * K
                                                      : packs[i + 1]->data_ptr<float>();
-          panel_pair(rows[0], M, P, K, B[i] ? B[i] + n0 : nullptr, Y[i] + n0, N[i],
-                     std::min<int64_t>(2 * kPanel, N[i] - n0), next);
+          panel(rows[0], M, P, K, B[i] ? B[i] + n0 : nullptr, Y[i] + n0, N[i],
+                std::min<int64_t>(2 * kPanel, N[i] - n0), next, true);
           ++b;
           continue;
         }
