@@ -21,7 +21,10 @@
 // and the four-row path takes its values sixteen columns a vector (1.10-1.13x on Qwen2's shape) and its softmax
 // four keys by four rows a vector (1.05-1.08x more). The lane-per-row path's values, when R is a multiple of 16,
 // go row by row too, eight rows by sixteen columns a vector: a load per two FMAs instead of one per FMA, and no
-// pass to double the weights (DeepSeek-V3's shape 1.06-1.11x).
+// pass to double the weights (DeepSeek-V3's shape 1.06-1.11x), and its softmax two keys by eight rows a vector.
+// Both paths prefetch the rows kPrefetch keys on from inside the score loop's FMAs, a line an iteration, where a loop
+// of its own cost as much as it saved on a hot cache (with the softmax, DeepSeek-V3's shape 1.16-1.28x; the four-row
+// path, which had no prefetch, 1.03-1.10x).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -269,12 +272,17 @@ inline void values8_cols(float* acc, __m256 alpha, const float* p, const float* 
 // odd element): each pair of a key's elements is one 64-bit broadcast load, with no shuffles in the loop. q4 (D / 2, 8)
 // holds the rows interleaved by pairs: q4[d / 2] = (q_0[d], q_0[d + 1], q_1[d], q_1[d + 1], ...). At the end the even
 // and odd halves are added, two keys at a time. out: (N, 4), key-major. D % 2 == 0.
-template <int N>
-inline void scores4(const float* q4, const float* keys, int64_t D, float* out) {
+template <int N, bool Prefetch = false>
+inline void scores4(const float* q4, const float* keys, int64_t D, float* out, const char* ka = nullptr,
+                    const char* va = nullptr) {
   const double* k[N];  // one base pointer per key and a shared index
   __m256 a[N];
   for (int i = 0; i < N; ++i) k[i] = reinterpret_cast<const double*>(keys + i * D), a[i] = _mm256_setzero_ps();
   for (int64_t d = 0; d < D / 2; ++d) {
+    if constexpr (Prefetch) {
+      _mm_prefetch(ka + d * 64, _MM_HINT_T0);
+      _mm_prefetch(va + d * 64, _MM_HINT_T0);
+    }
     const __m256 q = _mm256_loadu_ps(q4 + d * 8);
     for (int i = 0; i < N; ++i) a[i] = _mm256_fmadd_ps(q, _mm256_castpd_ps(_mm256_broadcast_sd(k[i] + d)), a[i]);
   }
@@ -362,6 +370,10 @@ void attend_chunk4(const float* q, const void* keys, const void* vals, Elem e, i
       const float* qg = q4 + g * D * 4;
       float* p = sc;
       int64_t j = 0;
+      if (e == Elem::F32 && val_stride == D)  // the keys and values kPrefetch rows on, into L1 while these are scored
+        for (; j + 8 <= count; j += 8)
+          scores4<8, true>(qg, kb + j * D, D, p + j * 4, reinterpret_cast<const char*>(kb + (j + kPrefetch) * D),
+                           reinterpret_cast<const char*>(vb + (j + kPrefetch) * D));
       for (; j + 8 <= count; j += 8) scores4<8>(qg, kb + j * D, D, p + j * 4);
       for (; j + 2 <= count; j += 2) scores4<2>(qg, kb + j * D, D, p + j * 4);
       if (j < count) {  // an odd last key; its pair's other half left at -inf, so it weighs 0
@@ -431,12 +443,13 @@ void attend_chunk4(const float* q, const void* keys, const void* vals, Elem e, i
 // FMAs of eight lanes.
 // out[k] = (q_0 . key_k, ..., q_7 . key_k) for N keys, from q2 (D / 2, 16): q2[d / 2] = (q_0[d], q_0[d + 1], q_1[d],
 // ..., q_7[d + 1]). D even.
-template <int N>
-inline void scores16(const float* q2, const float* keys, int64_t D, float* out) {
+template <int N, bool Prefetch = false>
+inline void scores16(const float* q2, const float* keys, int64_t D, float* out, const char* ahead = nullptr) {
   const double* k[N];
   __m512 a[N];
   for (int i = 0; i < N; ++i) k[i] = reinterpret_cast<const double*>(keys + i * D), a[i] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D / 2; ++d) {
+    if constexpr (Prefetch) _mm_prefetch(ahead + d * 64, _MM_HINT_T0);
     const __m512 q = _mm512_loadu_ps(q2 + d * 16);
     for (int i = 0; i < N; ++i) a[i] = _mm512_fmadd_ps(q, _mm512_castpd_ps(_mm512_set1_pd(k[i][d])), a[i]);
   }
@@ -504,7 +517,7 @@ void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, i
   std::fill(l, l + rows, 0.f);
   // acct: acct[g][column][lane]; Wide: acct[g][column pair][lane][even, odd]
   float *qt = scratch(0, rows * D + (Wide ? kBlock * 16 : 0)), *p2 = qt + rows * D;
-  float *sc = scratch(1, kBlock * 8 + groups * R * 8), *acct = sc + kBlock * 8;
+  float *sc = scratch(1, (kBlock + 1) * 8 + groups * R * 8), *acct = sc + (kBlock + 1) * 8;
 #if defined(__AVX512F__)
   const bool rowwise = R % 16 == 0;  // the values row by row, sixteen columns a vector: acc directly
 #else
@@ -534,16 +547,19 @@ void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, i
         // the hardware prefetcher alone leaves the scores waiting (4k keys, 2 threads: 1.15x on a cold cache,
         // 0.95x on a hot one, 1.10x between reads of other data as in a step). Past the cache's end it is a no-op.
         // (A 16-bit cache was read in one stream by the conversion.)
+#if defined(__AVX512F__)
+        if constexpr (Wide) {
+          if (e == Elem::F32)
+            scores16<8, true>(qg, kb + j * D, D, sc + j * 8, reinterpret_cast<const char*>(kb + (j + kPrefetch) * D));
+          else
+            scores16<8>(qg, kb + j * D, D, sc + j * 8);
+          continue;
+        }
+#endif
         if (e == Elem::F32) {
           const char* ahead = reinterpret_cast<const char*>(kb + (j + kPrefetch) * D);
           for (int64_t o = 0; o < 8 * D * int64_t(sizeof(float)); o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
         }
-#if defined(__AVX512F__)
-        if constexpr (Wide) {
-          scores16<8>(qg, kb + j * D, D, sc + j * 8);
-          continue;
-        }
-#endif
         scores8<8>(qg, kb + j * D, D, sc + j * 8);
       }
 #if defined(__AVX512F__)
@@ -552,6 +568,23 @@ void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, i
       } else
 #endif
         scores8_tail(qg, kb + j * D, D, count - j, sc + j * 8);
+#if defined(__AVX512F__)
+      // two keys by eight rows a vector; an odd count's last pair padded with a key at -inf, which weighs 0
+      if (count % 2) std::fill(sc + count * 8, sc + count * 8 + 8, neg_inf);
+      const int64_t pairs = (count + 1) / 2;
+      __m512 mx16 = _mm512_set1_ps(neg_inf);
+      for (int64_t k = 0; k < pairs; ++k) mx16 = _mm512_max_ps(mx16, _mm512_loadu_ps(sc + k * 16));
+      const __m256 mx = _mm256_max_ps(_mm512_castps512_ps256(mx16), _mm512_extractf32x8_ps(mx16, 1));
+      const Vec m_old = Vec::loadu(m + g * 8), m_new = at::vec::maximum(m_old, Vec(mx));
+      const __m512 m2 = _mm512_insertf32x8(_mm512_castps256_ps512(m_new), m_new, 1);
+      __m512 sum16 = _mm512_setzero_ps();
+      for (int64_t k = 0; k < pairs; ++k) {
+        const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + k * 16), m2));
+        _mm512_storeu_ps(sc + k * 16, p);
+        sum16 = _mm512_add_ps(sum16, p);
+      }
+      const Vec sum(_mm256_add_ps(_mm512_castps512_ps256(sum16), _mm512_extractf32x8_ps(sum16, 1)));
+#else
       __m256 mx = _mm256_set1_ps(neg_inf);
       for (int64_t k = 0; k < count; ++k) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc + k * 8));
       const Vec m_old = Vec::loadu(m + g * 8), m_new = at::vec::maximum(m_old, Vec(mx));
@@ -561,6 +594,7 @@ void attend_chunk8(const float* q, const void* keys, const void* vals, Elem e, i
         p.store(sc + k * 8);
         sum = sum + p;
       }
+#endif
       const Vec alpha = (m_old - m_new).exp_u20();  // 0 on the first block (m = -inf)
       (Vec::loadu(l + g * 8) * alpha + sum).store(l + g * 8);
       m_new.store(m + g * 8);
