@@ -804,10 +804,11 @@ at::Tensor gqa_attention(const at::Tensor& q_, const at::Tensor& k_cache, const 
   auto q = q_.contiguous();
   const int64_t B = q.size(0), Hkv = q.size(1), G = q.size(2), D = q.size(3), max_len = k_cache.size(2);
   TORCH_CHECK(Hkv == k_cache.size(1) && D == k_cache.size(3), "shape mismatch");
-  // One position a row with 3 or 7 query heads a key head (R1-Distill-Qwen-7B has 7): padded with a zero row, they
-  // take the four-row or the lane-per-row path, 1.1-1.5x the row-at-a-time path. (5 and 6 padded to 8 lost at batch
-  // 16: 0.72x and 0.82x.)
-  const int64_t rows = positions.size(1) == 1 && G % 4 == 3 ? G + 1 : G;
+  // One position a row with 3, 5, 6 or 7 query heads a key head (the R1-Distill-Qwen students have 6 (1.5B), 7 (7B)
+  // and 5 (14B, 32B)): padded with zero rows to 4 or 8, they take the four-row or the lane-per-row path, 1.1-1.5x the
+  // row-at-a-time path for 3 and 7. 6 and 5 at head size 128: 1.32x and 1.13x at 4k keys, 1.05x and 1.00x at 16 rows
+  // x 256 keys (when the lane path was slower, before its rows went by sixteen columns, 5 and 6 lost at batch 16).
+  const int64_t rows = positions.size(1) != 1 ? G : G % 4 == 3 ? G + 1 : G == 5 || G == 6 ? 8 : G;
   if (rows != G) q = at::constant_pad_nd(q, {0, 0, 0, rows - G});
   std::vector<int64_t> slot, S, visible;
   rows_of(slots, positions, rows, rows / positions.size(1), k_cache.size(0), max_len, slot, S, visible);
