@@ -227,12 +227,10 @@ def export(src: str | Path, dst: str | Path, *, dtype: str | None = None, chat_t
     model = load_model(src, dtype=getattr(torch, dtype) if dtype else None)
     tok = T.load(src)
     if chat_template:
-        source = tok.get_chat_template(chat_template)
-        if source == chat_template and "{" not in source:
-            raise CheckpointError(f"chat_template={chat_template!r}: not a template name (r1, r1-zero, or one of "
-                                  f"{src}'s own)")
-        own = tok.chat_template
-        tok.chat_template = {**own, "default": source} if isinstance(own, dict) else source
+        try:
+            tok.set_default_template(chat_template)
+        except ValueError as e:
+            raise CheckpointError(f"chat_template: {e}") from None
     if not mtp and len(model.mtp):
         model.mtp = type(model.mtp)()
         model.config = model.config.replace(num_nextn_predict_layers=0)

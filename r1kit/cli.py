@@ -91,7 +91,14 @@ def _generate(args: argparse.Namespace) -> int:
     if tok is None:
         print(f"r1kit generate: error: {args.model} has no tokenizer.json; text prompts need one", file=sys.stderr)
         return 2
-    rendered = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+    if args.template:
+        try:
+            tok.set_default_template(args.template)
+        except ValueError as e:
+            print(f"r1kit generate: error: --template: {e}", file=sys.stderr)
+            return 2
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    rendered = [tok.apply_chat_template([*system, {"role": "user", "content": p}], add_generation_prompt=True)
                 if args.chat else p for p in prompts]
     params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed, stop=args.stop or None)
@@ -239,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="prompts, each sent as a user message through the chat template (as-is with --raw)")
     p.add_argument("--file", help="a text file with one prompt per line")
     p.add_argument("--raw", dest="chat", action="store_false", help="send prompts as-is, without the chat template")
+    p.add_argument("--template", help="chat template: r1, r1-zero, or the tokenizer's own (default; a model trained "
+                                      "by r1kit sft/grpo with --chat_template keeps that one)")
+    p.add_argument("--system", help="a system message before each prompt (the tiny recipe's: 'Solve it step by step.')")
     p.add_argument("--n", type=int, default=1, help="samples per prompt (default: 1)")
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default: 0.6, as R1 recommends)")
     p.add_argument("--top-p", type=float, default=0.95)

@@ -385,6 +385,11 @@ def _grpo(cfg: GRPOConfig, run: train.Run, on_step) -> dict:
     resume_dir = train.resume_model_dir(run)
     model = M.load(resume_dir or cfg.model, dtype=torch.float32, device=run.device)
     tok = T.load(cfg.tokenizer or resume_dir or cfg.model)
+    if cfg.chat_template:  # saved as the policy's default: it is served with the template it was trained on
+        try:
+            tok.set_default_template(cfg.chat_template)
+        except ValueError as e:
+            raise ConfigError(f"chat_template: {e}") from None
     model.tokenizer = tok
     train.freeze(model.mtp)  # RL trains the main model; the MTP modules stay as they were
     model.train()

@@ -154,11 +154,19 @@ def _sft(cfg: SFTConfig, run: train.Run, on_step) -> dict:
     source = train.resume_model_dir(run) or cfg.model
     model = M.load(source, dtype=torch.float32)
     tok = T.load(cfg.tokenizer or source)
+    if cfg.chat_template:  # saved as the model's default: it is served with the template it was trained on
+        try:
+            tok.set_default_template(cfg.chat_template)
+        except ValueError as e:
+            raise ConfigError(f"chat_template: {e}") from None
     if tok.vocab_size > model.config.vocab_size:
         raise ConfigError(f"tokenizer: {tok.vocab_size} tokens, more than the model's vocab_size "
                           f"{model.config.vocab_size}")
     model.tokenizer = tok
     encoded = encode(conversations(cfg.data), tok, cfg.max_length, cfg.chat_template)
+    if not encoded:
+        raise ConfigError(f"max_length={cfg.max_length}: no conversation of data={cfg.data!r} has an assistant token "
+                          f"within it (a longer max_length, or conversations with assistant turns)")
     x_all, y_all, lengths = pack(encoded, cfg.max_length, tok.pad_token_id or 0, cfg.packing, cfg.seed)
     micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     global_batch = micro * accum * run.world_size

@@ -387,6 +387,18 @@ class Tokenizer:
             return own if own is not None else R1_TEMPLATE
         return TEMPLATES.get(chat_template, chat_template)
 
+    def set_default_template(self, chat_template: str) -> None:
+        """Make `chat_template` (r1, r1-zero, one of this tokenizer's own names, or jinja source) the one applied
+        when none is named: a checkpoint trained on a template is saved with it, so that serving renders the same
+        prompts. ValueError for a name that is no template."""
+        own = self.chat_template
+        source = self.get_chat_template(chat_template)
+        if source == chat_template and "{" not in source:
+            names = sorted({*TEMPLATES, *(own if isinstance(own, dict) else ())})
+            raise ValueError(f"{chat_template!r} is not a chat template: a name ({', '.join(names)}) or jinja source")
+        self.chat_template = {**own, "default": source} if isinstance(own, dict) else source
+        self.__dict__.pop("_prefills_think", None)
+
     def template_variables(self) -> dict:
         """What transformers passes a template beside the messages: its named special tokens."""
         return {k: self.special_tokens[k] for k in _NAMED_SPECIAL if k in self.special_tokens}

@@ -9,6 +9,7 @@ import torch
 
 import r1kit.model as M
 from r1kit import rl, train
+from r1kit import tokenizer as T
 from r1kit.config import ConfigError
 from r1kit.grpo import GRPOConfig, MicroBatch, _Stash, grpo, loss_fn
 
@@ -27,8 +28,10 @@ def digits(completions, **_):
     return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
 
 
-def test_options_are_validated_with_their_names(checkpoint):
+def test_options_are_validated_with_their_names(checkpoint, tmp_path):
     base = dict(model=str(checkpoint), reward_funcs=[digits])
+    with pytest.raises(ConfigError, match=r"chat_template: 'r2' is not a chat template"):
+        grpo(output_dir=str(tmp_path / "x"), task=TASK, chat_template="r2", progress=False, **base)
     with pytest.raises(ConfigError, match=r"num_generations=1: must be an integer >= 2"):
         train.make_config(GRPOConfig, num_generations=1, **base)
     with pytest.raises(ConfigError, match=r"num_generations=3: must divide .* = 8"):
@@ -159,10 +162,14 @@ def test_cli_with_named_rewards_scored_in_workers(checkpoint, tmp_path, capsys):
     rc = main(["grpo", "--model", str(checkpoint), "--task", TASK, "--out", str(tmp_path / "cli"),
                "--reward_funcs", "accuracy=1,format=0.5,overlong=0.1", "--num_generations", "4",
                "--per_device_train_batch_size", "4", "--max_steps", "2", "--max_completion_length", "8",
-               "--mask_truncated_completions", "--no-progress"])
+               "--mask_truncated_completions", "--chat_template", "r1-zero", "--no-progress"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert M.load(result["model"]).config.vocab_size == M.load(checkpoint).config.vocab_size
+    # the policy is saved with the template it was trained on, which serving then applies by default
+    chat = [{"role": "user", "content": "1+2"}]
+    assert T.load(result["model"]).apply_chat_template(chat, add_generation_prompt=True) == T.load(
+        checkpoint).apply_chat_template(chat, add_generation_prompt=True, chat_template="r1-zero")
     row = train.read_metrics(tmp_path / "cli")[-1]
     assert {"reward/accuracy", "reward/format", "reward/overlong", "accuracy"} <= set(row)
     # a truncated completion (8 of 8 tokens) is fully overlong (-1); the others are at most 0

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import r1kit.model as M
 from r1kit import tokenizer as T
 from r1kit import train
+from r1kit.config import ConfigError
 from r1kit.sft import conversations, encode, pack, sft
 
 from common import small_checkpoint
@@ -66,3 +67,20 @@ def test_step_loss_is_the_mean_over_every_assistant_token_of_the_step(checkpoint
     logits = model(rows[:, :64])
     ce = F.cross_entropy(logits.flatten(0, 1), rows[:, 64:].flatten(), ignore_index=-100)
     assert a[0]["loss"] == pytest.approx(ce.item(), rel=1e-5)
+
+
+def test_the_trained_template_is_saved_as_the_models_default(checkpoint, tmp_path):
+    """Fine-tuned on a named or given template, the model is saved with it as its default (what serving applies).
+    A name that is no template, and conversations whose prompt alone fills max_length, are errors naming the field."""
+    short = ("{%- for m in messages -%}{%- if m['role'] == 'user' -%}Q: {{ m['content'] }} {%- elif m['role'] == "
+             "'assistant' -%}A:{% generation %} {{ m['reasoning_content'] if m['reasoning_content'] is defined else "
+             "'' }} {{ m['content'] }}{{ eos_token }}{% endgeneration %}{%- endif -%}{%- endfor -%}"
+             "{%- if add_generation_prompt -%}A:{%- endif -%}")
+    kw = dict(model=str(checkpoint), data=DATA, max_length=64, max_steps=1, progress=False)
+    out = sft(output_dir=str(tmp_path / "z"), chat_template=short, **kw)
+    chat = [{"role": "user", "content": "1+2"}]
+    assert T.load(out["model"]).apply_chat_template(chat, add_generation_prompt=True) == "Q: 1+2A:"
+    with pytest.raises(ConfigError, match=r"chat_template: 'r0' is not a chat template"):
+        sft(output_dir=str(tmp_path / "y"), chat_template="r0", **kw)
+    with pytest.raises(ConfigError, match=r"max_length=64: no conversation .* has an assistant token"):
+        sft(output_dir=str(tmp_path / "x"), chat_template="r1-zero", **kw)  # its instruction alone is longer

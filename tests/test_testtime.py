@@ -98,6 +98,29 @@ def test_cli_generate_votes_marks_and_picks(checkpoint, capsys):
     assert "unrecognized arguments: --bogus\n" in capsys.readouterr().err
 
 
+def test_cli_generate_renders_the_named_template_with_a_system_message(checkpoint, capsys, monkeypatch):
+    """--template and --system: the prompts reach the engine rendered by that template, system message first; an
+    unknown template name is an error that names it."""
+    from r1kit import tokenizer as T
+    from r1kit.cli import main
+    from r1kit.engine import LLM
+
+    seen = []
+    generate = LLM.generate
+    monkeypatch.setattr(LLM, "generate", lambda self, prompts, *a, **k: seen.append(prompts) or generate(
+        self, prompts, *a, **k))
+    argv = ["generate", str(checkpoint), "1+2", "--max-tokens", "4", "--json"]
+    assert main(argv + ["--template", "r1-zero", "--system", "Solve it step by step."]) == 0
+    chat = [{"role": "system", "content": "Solve it step by step."}, {"role": "user", "content": "1+2"}]
+    want = T.load(checkpoint).apply_chat_template(chat, add_generation_prompt=True, chat_template="r1-zero")
+    assert seen[-1] == [want] and want.endswith(" User: 1+2 Assistant:")
+    assert main(argv) == 0  # the checkpoint's own (R1's) otherwise
+    assert seen[-1] == [T.load(checkpoint).apply_chat_template(chat[1:], add_generation_prompt=True)] != [want]
+    capsys.readouterr()
+    assert main(argv + ["--template", "r2"]) == 2
+    assert "'r2' is not a chat template" in capsys.readouterr().err
+
+
 def test_cli_min_thinking_without_a_budget_is_an_error(capsys):
     from r1kit.cli import main
 

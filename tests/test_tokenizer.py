@@ -116,6 +116,22 @@ def test_r1_zero_template_is_the_papers():
     assert not tok.prefills_think  # R1-Zero leaves the tags to the model
 
 
+def test_a_default_template_set_by_name_is_saved_and_switches_the_think_prefill(tmp_path):
+    """What sft and grpo do with `chat_template`: the named template becomes the one applied without a name, is what
+    the saved tokenizer applies, and decides whether completions start inside the reasoning."""
+    tok = T.train_bpe(CORPUS, vocab_size=300)  # R1's template: the prompt opens the think block
+    chat = [{"role": "user", "content": "What is 2+3?"}]
+    assert tok.prefills_think
+    tok.set_default_template("r1-zero")
+    zero = tok.apply_chat_template(chat, add_generation_prompt=True, chat_template="r1-zero")
+    assert tok.apply_chat_template(chat, add_generation_prompt=True) == zero and not tok.prefills_think
+    tok.save(tmp_path)
+    again = T.load(tmp_path)
+    assert again.apply_chat_template(chat, add_generation_prompt=True) == zero and not again.prefills_think
+    with pytest.raises(ValueError, match="'r0' is not a chat template"):
+        tok.set_default_template("r0")
+
+
 # A template in a model's own directory, exercising what transformers' environment provides.
 CUSTOM = (
     "{%- set ns = namespace(n=0) -%}"
