@@ -339,7 +339,8 @@ def _distill(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
 
 def _eval(stage: Stage, out: Path, outputs: dict, recipe: Recipe) -> dict:
     """Every model on the held-out tasks. `models = {name = "stage"}`, or "stage@template" for a model that
-    speaks another chat template than its tokenizer's own (R1-Zero models were trained on "r1-zero")."""
+    speaks another chat template than its tokenizer's own (a base pretrained on R1-Zero's plain-text format: sft and
+    grpo stages save the template they trained on as the model's own)."""
     import dataclasses
 
     from r1kit import eval as E
